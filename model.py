@@ -1,0 +1,440 @@
+"""model.py: load a Hugging Face video LLM and give it alarm tokens and ATC heads.
+
+VideoSafety-R1 adds two special tokens to the prompt of a video LLM:
+
+    <|visual_alarm|>   right after the last visual token of the video
+    <|textual_alarm|>  at the end of the user query, before the end-of-turn token
+
+Their ordinary token embeddings are *replaced* by two learnable vectors
+(zero-initialised, as in the authors' code) before the LLM runs, and two
+Alarm-Token-Classification (ATC) heads, one `Linear(hidden, 1)` per modality,
+read the final-layer hidden state at each alarm position and predict whether
+the video / the text is harmful (label 1) or safe (label 0). AT-SFT trains
+
+    L = L_base + λ1·BCE(ATC_v, y_v) + λ2·BCE(ATC_t, y_t),   λ1 = λ2 = 0.1      (at_sft_loss)
+
+Lifting the alarm tokens into another codebase
+-----------------------------------------------
+`SafetyAlarm` is self-contained (it needs only torch). For any HF causal LM:
+
+    alarm = add_alarm_tokens(model, tokenizer)        # adds the 2 tokens, attaches the hook
+    ...put alarm.visual_token / alarm.textual_token into your prompt text...
+    out = model.model(**inputs)                       # the hook swaps in the learnable vectors
+    logit_v, logit_t = alarm.classify(out.last_hidden_state, inputs["input_ids"])
+    alarm.save(dir) / SafetyAlarm.load(dir, model)
+
+The swap is a forward hook on the input-embedding module, so it works for
+training and for `generate` alike with no change to the model's own code.
+
+The rest of this file is plumbing: loading VideoLLaMA3 / Qwen2.5-VL / Qwen3-VL by
+name or path, the built-in tiny models, freezing, parameter groups, checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VISUAL_ALARM = "<|visual_alarm|>"
+TEXTUAL_ALARM = "<|textual_alarm|>"
+ALARM_FILE = "alarm.safetensors"
+
+
+# -----------------------------------------------------------------------------
+# Alarm tokens + ATC heads (the liftable part)
+
+
+class SafetyAlarm(nn.Module):
+    """Two learnable alarm vectors and the two ATC heads.
+
+    vectors[0] replaces the embedding of <|visual_alarm|>, vectors[1] that of <|textual_alarm|>.
+    """
+
+    def __init__(self, hidden_size: int, visual_id: int, textual_id: int):
+        super().__init__()
+        self.visual_id, self.textual_id = int(visual_id), int(textual_id)
+        self.visual_token, self.textual_token = VISUAL_ALARM, TEXTUAL_ALARM
+        self.vectors = nn.Parameter(torch.zeros(2, hidden_size))  # official init: zeros
+        self.head_v = nn.Linear(hidden_size, 1)  # ATC head, video
+        self.head_t = nn.Linear(hidden_size, 1)  # ATC head, text
+        self._hook = None
+
+    # --- embedding swap, before the LLM runs -------------------------------
+    def attach(self, embedding: nn.Module) -> None:
+        """Register the hook that swaps alarm-token embeddings for the learnable vectors."""
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = embedding.register_forward_hook(self._swap)
+
+    def _swap(self, module, inputs, embeds):
+        ids = inputs[0]  # (B, T)
+        vec = self.vectors.to(embeds.dtype)
+        embeds = torch.where((ids == self.visual_id).unsqueeze(-1), vec[0], embeds)  # (B, T, H)
+        embeds = torch.where((ids == self.textual_id).unsqueeze(-1), vec[1], embeds)
+        return embeds
+
+    # --- ATC heads, on the final-layer hidden state at the alarm positions --
+    def positions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) index of the (last) visual and textual alarm token in each row; error if absent."""
+        out = []
+        for tid, name in ((self.visual_id, VISUAL_ALARM), (self.textual_id, TEXTUAL_ALARM)):
+            hit = input_ids == tid  # (B, T)
+            if not bool(hit.any(dim=1).all()):
+                raise ValueError(f"a row of the batch has no {name} token; build prompts with data.build_prompt")
+            idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+            out.append((hit * idx).argmax(dim=1))  # last occurrence
+        return out[0], out[1]
+
+    def classify(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ATC logits (B,), (B,) from the last-layer hidden state (B, T, H) at the alarm positions."""
+        pv, pt = self.positions(input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        hv = last_hidden[rows, pv].to(self.head_v.weight.dtype)  # (B, H)
+        ht = last_hidden[rows, pt].to(self.head_t.weight.dtype)
+        return self.head_v(hv).squeeze(-1), self.head_t(ht).squeeze(-1)
+
+    # --- persistence -------------------------------------------------------
+    def save(self, directory: str) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, ALARM_FILE), metadata={"hidden_size": str(self.vectors.shape[1])})
+
+    def load_state(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(os.path.join(directory, ALARM_FILE)))
+
+
+def add_alarm_tokens(model: nn.Module, tokenizer) -> SafetyAlarm:
+    """Add the two alarm tokens to `tokenizer` (ids resolved here, never hard-coded), grow the
+    embedding table if it has no spare rows, and attach a fresh SafetyAlarm to `model`."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [VISUAL_ALARM, TEXTUAL_ALARM]},
+                                 replace_extra_special_tokens=False)
+    vid, tid = tokenizer.convert_tokens_to_ids(VISUAL_ALARM), tokenizer.convert_tokens_to_ids(TEXTUAL_ALARM)
+    emb = model.get_input_embeddings()
+    if max(vid, tid) >= emb.num_embeddings:  # Qwen checkpoints usually have spare rows
+        model.resize_token_embeddings(max(vid, tid) + 1)
+        emb = model.get_input_embeddings()
+    alarm = SafetyAlarm(emb.embedding_dim, vid, tid).to(device=emb.weight.device)
+    alarm.attach(emb)
+    return alarm
+
+
+def at_sft_loss(lm_loss, logit_v, logit_t, video_label, text_label, lambda_v: float = 0.1, lambda_t: float = 0.1):
+    """The AT-SFT objective, in one place:  L = L_base + λ1·L_ATC^v + λ2·L_ATC^t.
+
+    L_ATC is binary cross-entropy with logits; label 1 = harmful, 0 = safe.
+    Returns (loss, {"lm": ., "atc_v": ., "atc_t": .}) with the parts detached.
+    """
+    bce_v = F.binary_cross_entropy_with_logits(logit_v.float(), video_label.float())  # L_ATC^v
+    bce_t = F.binary_cross_entropy_with_logits(logit_t.float(), text_label.float())  # L_ATC^t
+    loss = lm_loss + lambda_v * bce_v + lambda_t * bce_t
+    return loss, {"lm": lm_loss.detach(), "atc_v": bce_v.detach(), "atc_t": bce_t.detach()}
+
+
+# -----------------------------------------------------------------------------
+# A video LLM with its processor and (optionally) its alarm
+
+
+@dataclass
+class VideoLLM:
+    model: nn.Module  # a *ForConditionalGeneration with .model.language_model and .lm_head
+    processor: object  # its own AutoProcessor (tokenizer, video processor, chat template)
+    alarm: SafetyAlarm | None = None
+    source: str = ""  # the name or path it was loaded from
+    meta: dict = field(default_factory=dict)  # stage / config of the checkpoint it came from
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def eot_id(self) -> int:
+        """End-of-turn token id (<|im_end|> for the Qwen-based families; the tokenizer's EOS otherwise)."""
+        vocab = self.tokenizer.get_vocab()
+        return vocab["<|im_end|>"] if "<|im_end|>" in vocab else self.tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def llm_parameters(self):
+        """The language model (decoder + LM head): everything trainable outside the alarm."""
+        return [p for n, p in self.model.named_parameters() if _is_llm(n)]
+
+    def forward(self, batch: dict, need_lm: bool = True) -> dict:
+        """One forward pass on a batch from data.collate.
+
+        Returns {"lm_loss", "n_tokens", "logit_v", "logit_t", "hidden"}. The LM head is applied only at
+        label positions (labels != -100), so no (B, T, vocab) tensor is made for the prompt.
+        """
+        inputs = {k: v for k, v in batch.items() if k in batch.get("model_keys", ())}
+        out = self.model.model(**inputs, use_cache=False)
+        hidden = out.last_hidden_state  # (B, T, H)
+        result = {"hidden": hidden, "logit_v": None, "logit_t": None}
+        if need_lm and "labels" in batch:
+            labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted from position t
+            mask = labels != -100
+            logits = self.model.lm_head(hidden[:, :-1][mask])  # (N, V), N = label tokens only
+            result["lm_loss"] = F.cross_entropy(logits.float(), labels[mask])  # L_base, token mean
+            result["n_tokens"] = int(mask.sum())
+        if self.alarm is not None and batch.get("has_alarm", False):
+            result["logit_v"], result["logit_t"] = self.alarm.classify(hidden, batch["input_ids"])
+        return result
+
+
+@torch.no_grad()
+def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = 768, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+    """Generate from a left-padded prompt batch (data.collate). Eval mode, KV cache on (generating in train
+    mode with gradient checkpointing silently turns the cache off). Alarm tokens are never generated.
+
+    Returns (completion ids (B, L), padded with pad_token_id after the end-of-turn token, decoded texts).
+    """
+    was_training = llm.model.training
+    llm.model.eval()
+    tok = llm.tokenizer
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    bad = [[llm.alarm.visual_id], [llm.alarm.textual_id]] if llm.alarm is not None else None
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    out = llm.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=llm.eot_id,
+                             pad_token_id=tok.pad_token_id, bad_words_ids=bad, **sample)
+    llm.model.train(was_training)
+    completion = out[:, inputs["input_ids"].shape[1]:]  # (B, L)
+    return completion, tok.batch_decode(completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
+
+
+def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, L) mask of real completion tokens: everything up to and INCLUDING the first end-of-turn token
+    (the model must learn to stop), nothing after it."""
+    is_eos = completion == eos_id
+    after = (is_eos.cumsum(dim=1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after
+
+
+def completion_tokens(completion: torch.Tensor, eos_id: int) -> list[list[int]]:
+    mask = completion_mask(completion, eos_id)
+    return [row[m].tolist() for row, m in zip(completion, mask)]
+
+
+def _is_llm(name: str) -> bool:
+    return ".language_model." in name or name.startswith("lm_head.")
+
+
+def set_trainable(llm: VideoLLM, train_llm: bool, train_alarm: bool, train_heads: bool) -> None:
+    """Vision encoder and projector: always frozen. LLM, alarm vectors, ATC heads: each on its own."""
+    for n, p in llm.model.named_parameters():
+        p.requires_grad_(train_llm and _is_llm(n))
+    if llm.alarm is not None:
+        llm.alarm.vectors.requires_grad_(train_alarm)
+        for p in list(llm.alarm.head_v.parameters()) + list(llm.alarm.head_t.parameters()):
+            p.requires_grad_(train_heads)
+
+
+def param_groups(llm: VideoLLM, lr_llm: float, lr_alarm: float, lr_heads: float, weight_decay: float) -> list[dict]:
+    """AdamW groups with the paper's separate learning rates (LLM 1e-6, alarm 1e-5, heads 1e-5).
+    Only trainable tensors are included; a group with none is left out."""
+    groups = [("llm", lr_llm, [p for p in llm.llm_parameters() if p.requires_grad])]
+    if llm.alarm is not None:
+        groups.append(("alarm", lr_alarm, [llm.alarm.vectors] if llm.alarm.vectors.requires_grad else []))
+        heads = list(llm.alarm.head_v.parameters()) + list(llm.alarm.head_t.parameters())
+        groups.append(("heads", lr_heads, [p for p in heads if p.requires_grad]))
+    return [{"name": n, "params": ps, "lr": lr, "weight_decay": weight_decay} for n, lr, ps in groups if ps]
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU that supports it, fp32 on CPU."""
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
+               with_alarm: bool = True, trust_remote_code: bool = False, attn_implementation: str | None = None) -> VideoLLM:
+    """Load a video LLM by hub name, local path, stage checkpoint, or built-in tiny name.
+
+    with_alarm: add alarm tokens if the checkpoint has none (a checkpoint saved with them keeps them
+    either way; with_alarm=False on a plain model gives the base model as it is, for evaluation).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if name_or_path in TINY_MODELS:
+        name_or_path = tiny_model_path(name_or_path)
+    device = device or default_device()
+    if isinstance(dtype, str):
+        dtype = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    dtype = dtype or default_dtype(device)
+    kw = {"trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    processor = AutoProcessor.from_pretrained(name_or_path, **kw)
+    processor.tokenizer.padding_side = "left"  # prompts are left-padded for generation
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kw).to(device)
+    meta = {}
+    meta_file = os.path.join(name_or_path, "videosafety_meta.json")
+    if os.path.isfile(meta_file):
+        with open(meta_file) as f:
+            meta = json.load(f)
+    alarm = None
+    has_saved_alarm = os.path.isfile(os.path.join(name_or_path, ALARM_FILE))
+    if has_saved_alarm or with_alarm:
+        alarm = add_alarm_tokens(model, processor.tokenizer)  # ids come back the same: they were saved
+        if has_saved_alarm:
+            alarm.load_state(name_or_path)
+        alarm.to(device)
+    return VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
+
+
+def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> None:
+    """A directory transformers can load (safetensors weights, tokenizer and processor with the
+    alarm tokens) plus alarm.safetensors (vectors + heads) and videosafety_meta.json (config, step)."""
+    os.makedirs(directory, exist_ok=True)
+    llm.model.save_pretrained(directory, safe_serialization=True)
+    llm.processor.save_pretrained(directory)
+    if llm.alarm is not None:
+        llm.alarm.save(directory)
+    with open(os.path.join(directory, "videosafety_meta.json"), "w") as f:
+        json.dump(meta or {}, f, indent=2, default=str)
+
+
+# -----------------------------------------------------------------------------
+# Built-in tiny models: each family's real config class, small sizes, a locally trained tokenizer.
+# They go through save_pretrained / from_pretrained like any checkpoint.
+
+TINY_MODELS = ("tiny-videollama3", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+# ChatML, the shape of the real Qwen2.5-VL / Qwen3-VL / VideoLLaMA3 templates (system turn, user content
+# as a list of video / text items, assistant generation prompt).
+_CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'video' %}VIDEO_BLOCK"
+    "{% elif item['type'] == 'image' %}IMAGE_BLOCK"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_template(family: str) -> str:
+    if family == "videollama3":  # VideoLLaMA3 puts the frames ("Time t s:<pads>,...") then a newline
+        return _CHATML.replace("VIDEO_BLOCK", "<|video_pad|>\n").replace("IMAGE_BLOCK", "<|image_pad|>\n")
+    return (_CHATML.replace("VIDEO_BLOCK", "<|vision_start|><|video_pad|><|vision_end|>")
+            .replace("IMAGE_BLOCK", "<|vision_start|><|image_pad|><|vision_end|>"))
+
+
+def tiny_model_path(name: str, cache_dir: str | None = None) -> str:
+    """Build (once) and return the directory of a built-in tiny model."""
+    cache_dir = cache_dir or os.environ.get("VSR1_TINY_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".tiny_models"))
+    path = os.path.join(cache_dir, name)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        build_tiny(name, path)
+    return path
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int):
+    """Byte-level BPE trained locally with `tokenizers`, with the Qwen family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   model_max_length=8192)
+
+
+def build_tiny(name: str, path: str, seed: int = 0) -> None:
+    """Write a tiny random model of `name`'s family to `path` (offline; fixed seed)."""
+    from data import demo_corpus  # the tokenizer is trained on the demo's text (lazy: data imports model)
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLConfig,
+                              Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor,
+                              VideoLlama3Config, VideoLlama3ForConditionalGeneration, VideoLlama3ImageProcessor,
+                              VideoLlama3Processor, VideoLlama3VideoProcessor)
+
+    if name not in TINY_MODELS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+    torch.manual_seed(seed)
+    tok = _train_tokenizer(demo_corpus(), vocab_size=1024)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    vocab = ((len(tok) + 2 + 63) // 64) * 64  # spare rows, as real checkpoints have (alarm tokens fit)
+    H, heads = 64, 4
+    text = dict(vocab_size=vocab, hidden_size=H, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=4096,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=False)
+    pix = dict(min_pixels=28 * 28, max_pixels=56 * 56)  # 56x56 frames -> 16 patches -> 4 tokens
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+    family = name.removeprefix("tiny-")
+    if family == "videollama3":
+        cfg = VideoLlama3Config(
+            text_config=dict(model_type="qwen2", **text),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               patch_size=14),
+            **common)
+        model = VideoLlama3ForConditionalGeneration(cfg)
+        size = {"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]}
+        video_size = {"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"] * 90}  # a budget per video
+        proc = VideoLlama3Processor(
+            image_processor=VideoLlama3ImageProcessor(size=size, patch_size=14),
+            video_processor=VideoLlama3VideoProcessor(size=video_size, patch_size=14, use_token_compression=False),
+            tokenizer=tok, chat_template=chat_template(family))
+    elif family == "qwen2.5-vl":
+        text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+        cfg = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=H,
+                               patch_size=14, window_size=56, fullatt_block_indexes=[0]),
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **common)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        size = {"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]}
+        proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(size=size),
+                                   video_processor=Qwen2VLVideoProcessor(size=size),
+                                   tokenizer=tok, chat_template=chat_template(family))
+    else:  # qwen3-vl
+        text.update(head_dim=H // heads,
+                    rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True,
+                                     "rope_theta": 10000.0})
+        cfg = Qwen3VLConfig(
+            text_config=text,
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=H,
+                               patch_size=16, num_position_embeddings=64, deepstack_visual_indexes=[0]),
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **common)
+        model = Qwen3VLForConditionalGeneration(cfg)
+        size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64 * 90}  # Qwen3-VL's budget counts frames too
+        proc = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=size, patch_size=16),
+                                video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, do_sample_frames=False),
+                                tokenizer=tok, chat_template=chat_template(family))
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    tmp = f"{path}.tmp{os.getpid()}"  # write aside, then rename: a half-built model is never picked up
+    model.save_pretrained(tmp, safe_serialization=True)
+    proc.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
