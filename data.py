@@ -262,6 +262,8 @@ def _check_visual_alarm(llm, ids: torch.Tensor, records) -> None:
     vid = llm.tokenizer.convert_tokens_to_ids(VISUAL_ALARM)
     ok = {llm.model.config.video_token_id, getattr(llm.model.config, "vision_end_token_id", None)}
     for row in range(ids.shape[0]):
+        if records[row].video is None:  # a text-only row of a mixed batch: its alarm ends the text
+            continue
         pos = (ids[row] == vid).nonzero()
         if len(pos) and int(ids[row, int(pos[-1]) - 1]) not in ok:
             raise DataError(f"record {records[row].id}: visual alarm is not right after the video tokens")
@@ -365,9 +367,10 @@ def _write_clip(path: str, harmful: bool, rng: random.Random) -> None:
             colours = [rng.choice(OTHER_COLOURS) for _ in range(rng.randint(1, 2))]
             if s in red_seconds:
                 colours.append(RED)
-            for c in colours:
-                y, x = rng.randint(0, SIZE - 16), rng.randint(0, SIZE - 16)
-                frame[y:y + 16, x:x + 16] = c
+            for c in colours:  # the red square is the largest thing in the frame
+                side = 24 if c == RED else 12
+                y, x = rng.randint(0, SIZE - side), rng.randint(0, SIZE - side)
+                frame[y:y + side, x:x + side] = c
             for _ in range(NATIVE_FPS):  # hold the scene for one second
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                     container.mux(packet)

@@ -224,6 +224,48 @@ def completion_tokens(completion: torch.Tensor, eos_id: int) -> list[list[int]]:
     return [row[m].tolist() for row, m in zip(completion, mask)]
 
 
+def completion_logprobs(llm: VideoLLM, batch: dict, completion: torch.Tensor, mask: torch.Tensor, *,
+                        chunk: int = 1024) -> torch.Tensor:
+    """log π(o_t | prompt, o_<t) of each completion token: (B, L) fp32, 0 where `mask` is 0.
+
+    batch: the left-padded prompt batch (data.collate, with_target=False) the completions were sampled from;
+    completion (B, L): right-padded ids (model.generate); mask (B, L): model.completion_mask.
+    The sequence is prompt ++ completion with attention mask prompt mask ++ completion mask. Per-token processor
+    outputs (Qwen's mm_token_type_ids) get zeros (= text) for the completion; the visual inputs are passed as
+    they are, and Qwen's 3-D positions are recomputed from input_ids (a training forward never reuses the
+    rope_deltas that generate cached). The backbone runs once; the LM head runs only on the L positions that
+    predict completion tokens, `chunk` rows at a time, each chunk recomputed in backward (checkpoint), so no
+    (B, T, vocab) logits exist and at most (chunk, vocab) of them at once. Gradients flow iff grad is enabled.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    P, L = ids.shape[1], completion.shape[1]
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    for k, v in inputs.items():  # per-token extras (B, P) -> (B, P+L), completion tokens are text (0)
+        if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask"):
+            inputs[k] = torch.cat([v, v.new_zeros(v.shape[0], L)], dim=1)
+    inputs["input_ids"] = torch.cat([ids, completion], dim=1)  # (B, P+L)
+    inputs["attention_mask"] = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)  # (B, P+L)
+    hidden = llm.model.model(**inputs, use_cache=False).last_hidden_state  # (B, P+L, H)
+    hidden = hidden[:, P - 1:P + L - 1].flatten(0, 1)  # (B*L, H): position P-1+t predicts completion token t
+    targets = completion.flatten()  # (B*L,)
+    out = []
+    for i in range(0, len(targets), chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled():  # backward keeps only h; the (chunk, vocab) logits are recomputed
+            out.append(checkpoint(_token_logprobs, llm.model.lm_head, h, t, use_reentrant=False))
+        else:
+            out.append(_token_logprobs(llm.model.lm_head, h, t))
+    return torch.cat(out).view(completion.shape) * mask  # (B, L)
+
+
+def _token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(lm_head(hidden))[target] per row: (N, H), (N,) -> (N,), in fp32."""
+    logits = lm_head(hidden).float()  # (N, V)
+    return logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(dim=-1)  # (N,)
+
+
 def _is_llm(name: str) -> bool:
     return ".language_model." in name or name.startswith("lm_head.")
 
@@ -247,6 +289,42 @@ def param_groups(llm: VideoLLM, lr_llm: float, lr_alarm: float, lr_heads: float,
         heads = list(llm.alarm.head_v.parameters()) + list(llm.alarm.head_t.parameters())
         groups.append(("heads", lr_heads, [p for p in heads if p.requires_grad]))
     return [{"name": n, "params": ps, "lr": lr, "weight_decay": weight_decay} for n, lr, ps in groups if ps]
+
+
+# -----------------------------------------------------------------------------
+# Training helpers shared by the stages
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float = 0.03):
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (the paper's schedule)."""
+    import math
+
+    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device) -> "torch.autocast":
+    """bf16 autocast on a GPU that supports it (weights stay fp32: a 1e-6 step on bf16 weights rounds to
+    nothing); a no-op elsewhere."""
+    on = str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda" if on else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
 # -----------------------------------------------------------------------------
