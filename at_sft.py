@@ -97,7 +97,7 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     llm.model.train()
     bar = tqdm(range(total), desc=phase, dynamic_ncols=True)
     for step in bar:
-        t0, n_tokens, sums = time.time(), 0, {"loss": 0.0, "lm": 0.0, "atc_v": 0.0, "atc_t": 0.0}
+        t0, n_tokens, sums = time.time(), 0, {"loss": 0.0}
         hits_v = hits_t = seen = 0
         for micro in range(args.grad_accum):
             lo = (step * args.grad_accum + micro) * args.batch_size
@@ -114,9 +114,9 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
             else:  # L = L_base
                 loss, parts = out["lm_loss"], {"lm": out["lm_loss"].detach()}
             (loss / args.grad_accum).backward()
-            sums["loss"] += float(loss) / args.grad_accum
-            for k, v in parts.items():
-                sums[k] += float(v) / args.grad_accum
+            sums["loss"] += float(loss.detach()) / args.grad_accum
+            for k, v in parts.items():  # lm, and atc_v / atc_t when the ATC loss is on
+                sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(batch["attention_mask"].sum())
             seen += len(batch_records)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
