@@ -1,0 +1,352 @@
+"""Tests of data.py: frame sampling and decoding, timestamps reaching the processor, prompts and label
+masking, every kind of bad input, the authors' formats, and the synthetic demo."""
+
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError
+from model import TEXTUAL_ALARM, VISUAL_ALARM
+
+# -----------------------------------------------------------------------------
+# video sampling and decoding
+
+
+def write_gray_clip(path, fps, n_frames, width=64, height=32):
+    """An mp4 whose frame k shows its own index: grey level 20 + 20*(k // 10) on the left half,
+    20 + 20*(k % 10) on the right half (steps of 20 survive H.264 easily)."""
+    import av
+
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(n_frames):
+            frame = np.empty((height, width, 3), np.uint8)
+            frame[:, : width // 2] = 20 + 20 * (k // 10)
+            frame[:, width // 2:] = 20 + 20 * (k % 10)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def frame_number(frame):
+    """Read back the index written by write_gray_clip from a decoded (H, W, 3) frame."""
+    w = frame.shape[1]
+    tens = frame[4:-4, 4: w // 2 - 4].mean()
+    ones = frame[4:-4, w // 2 + 4: -4].mean()
+    return int(round((tens - 20) / 20)) * 10 + int(round((ones - 20) / 20))
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clips")
+    return {
+        "4fps_4s": (write_gray_clip(str(d / "a.mp4"), 4, 16), 16),
+        "30fps_3s": (write_gray_clip(str(d / "b.mp4"), 30, 90), 90),
+        "1fps_100s": (write_gray_clip(str(d / "c.mp4"), 1, 100), 100),  # longer than 90 frames at 1 fps
+    }
+
+
+@pytest.mark.parametrize("num_frames,native,fps,max_frames,expected", [
+    (16, 4, 1, 90, [0, 4, 8, 12]),
+    (90, 30, 1, 90, [0, 30, 60]),
+    (90, 30, 2, 90, [0, 15, 30, 45, 60, 75]),
+    (7, 2, 1, 90, [0, 2, 4, 6]),
+    (10, 2.5, 1, 90, [0, 2, 5, 7]),  # non-integer step: floor(0, 2.5, 5, 7.5)
+    (10, 25, 1, 90, [0]),  # shorter than one second
+    (20, 1, 1, 5, [0, 5, 10, 14, 19]),  # over max_frames: round(linspace(0, 19, 5))
+    (100, 1, 1, 90, [round(i * 99 / 89) for i in range(90)]),
+])
+def test_sample_indices(num_frames, native, fps, max_frames, expected):
+    idx = data.sample_indices(num_frames, native, fps, max_frames)
+    assert idx.tolist() == expected
+
+
+@pytest.mark.parametrize("clip,fps,max_frames,expected", [
+    ("4fps_4s", 1, 90, [0, 4, 8, 12]),
+    ("4fps_4s", 2, 90, [0, 2, 4, 6, 8, 10, 12, 14]),
+    ("30fps_3s", 1, 90, [0, 30, 60]),
+    ("1fps_100s", 1, 90, [round(i * 99 / 89) for i in range(90)]),
+    ("1fps_100s", 1, 4, [0, 33, 66, 99]),
+])
+def test_read_video(clips, clip, fps, max_frames, expected):
+    path, n = clips[clip]
+    native = {"4fps_4s": 4, "30fps_3s": 30, "1fps_100s": 1}[clip]
+    frames, meta = data.read_video(path, fps=fps, max_frames=max_frames, rid="r1")
+    assert frames.dtype == np.uint8 and frames.shape == (len(expected), 32, 64, 3)
+    assert meta.total_num_frames == n and meta.fps == pytest.approx(native)
+    assert (meta.height, meta.width) == (32, 64)
+    assert meta.frames_indices == expected
+    assert np.allclose(meta.timestamps, [i / native for i in expected])
+    assert meta.duration == pytest.approx(n / native)
+    # the decoded pixels are those of the sampled source frames
+    assert [frame_number(f) for f in frames] == expected
+
+
+def test_real_timestamps_reach_the_processor(llm, tiny_name, clips):
+    """Traps: the processor must get the sampled frames' real times (Qwen2.5-VL second_per_grid_ts,
+    Qwen3-VL <t seconds>, VideoLLaMA3 'Time t s')."""
+    rec = data.Record(id="c", video=clips["4fps_4s"][0], query="Describe the video.", target="ok",
+                      video_label=0, text_label=0)
+    for fps in (1, 2):
+        batch = data.collate(llm, [rec], structured=False, with_target=False, fps=fps)
+        text = llm.tokenizer.decode(batch["input_ids"][0])
+        times = [k / fps for k in range(4 * fps)]  # frames sampled from a 4 s clip
+        if tiny_name == "tiny-qwen2.5-vl":
+            assert batch["second_per_grid_ts"].tolist() == [2 / fps]  # temporal patch 2
+        elif tiny_name == "tiny-qwen3-vl":  # one stamp per pair of frames: their mean time
+            stamps = [float(t) for t in re.findall(r"<([\d.]+) seconds>", text)]
+            assert stamps == pytest.approx([(a + b) / 2 for a, b in zip(times[::2], times[1::2])], abs=0.051)
+        else:
+            stamps = [float(t) for t in re.findall(r"Time ([\d.]+)s:", text)]
+            assert stamps == pytest.approx(times)
+
+
+# -----------------------------------------------------------------------------
+# prompts and label masking
+
+
+@pytest.mark.parametrize("has_video", [True, False])
+def test_build_prompt_alarm_is_only_insertion(llm, has_video):
+    proc = llm.processor
+    kw = dict(has_video=has_video, structured=True)
+    with_alarm = data.build_prompt(proc, "  Is this ok?  ", alarm=True, **kw)
+    without = data.build_prompt(proc, "  Is this ok?  ", alarm=False, **kw)
+    assert with_alarm.count(VISUAL_ALARM) == 1 and with_alarm.count(TEXTUAL_ALARM) == 1
+    assert VISUAL_ALARM not in without and TEXTUAL_ALARM not in without
+    assert with_alarm.replace(VISUAL_ALARM, "").replace(TEXTUAL_ALARM, "") == without
+    assert with_alarm.endswith(TEXTUAL_ALARM + "<|im_end|>\n<|im_start|>assistant\n")
+    assert "Is this ok?\n" + data.STRUCTURED_INSTRUCTION in with_alarm
+    if not has_video:
+        assert VISUAL_ALARM + TEXTUAL_ALARM + "<|im_end|>" in with_alarm
+
+
+def test_labels_cover_only_assistant_tokens(llm, mixed_records):
+    tok = llm.tokenizer
+    for structured in (False, True):
+        recs = list(mixed_records)
+        batch = data.collate(llm, recs, structured=structured, with_target=True)
+        ids, labels, att = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        lengths = att.sum(1)
+        assert len(set(lengths.tolist())) > 1  # rows of different lengths, left padded
+        assert (att[:, -1] == 1).all() and (att[lengths.argmin(), 0] == 0)
+        for row, rec in enumerate(recs):
+            lab = labels[row]
+            on = lab != -100
+            assert torch.equal(lab[on], ids[row][on])
+            pos = on.nonzero().squeeze(1)
+            assert pos.tolist() == list(range(ids.shape[1] - len(pos), ids.shape[1]))  # one suffix run
+            assert tok.decode(lab[on]) == rec.target + "<|im_end|>"
+            assert not (on & (att[row] == 0)).any()
+            # just before the labels: the assistant header, not part of the loss
+            head = tok.decode(ids[row][: int(pos[0])])
+            assert head.endswith("<|im_start|>assistant\n")
+
+
+# -----------------------------------------------------------------------------
+# bad input: each gives a DataError that says where
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return str(path)
+
+
+@pytest.fixture
+def good(tmp_path, demo_dir):
+    """A valid row whose video lives next to the JSONL (relative path)."""
+    os.makedirs(tmp_path / "videos", exist_ok=True)
+    src = os.path.join(demo_dir, "videos", "at_sft-0000.mp4")
+    with open(src, "rb") as f, open(tmp_path / "videos" / "v.mp4", "wb") as g:
+        g.write(f.read())
+    return {"id": "r-1", "video": "videos/v.mp4", "query": "What is shown?", "target": "Squares.",
+            "video_label": 0, "text_label": 0, "subset": "SafeQ"}
+
+
+def test_good_file_loads(tmp_path, good):
+    path = write_jsonl(tmp_path / "d.jsonl", [good, {**good, "id": "r-2", "video": None}, ""])
+    recs = data.load_records(path)
+    assert [r.id for r in recs] == ["r-1", "r-2"]
+    assert recs[0].video == str(tmp_path / "videos" / "v.mp4") and recs[1].video is None
+    assert recs[0].where == f"{path}:1"
+    assert recs[0].to_json()["video_label"] == 0 and "where" not in recs[0].to_json()
+
+
+@pytest.mark.parametrize("case,patch,needle", [
+    ("missing field", {"target": None}, "missing field 'target'"),
+    ("wrong type", {"query": 5}, "query must be a string"),
+    ("wrong video type", {"video": 3}, "video must be a path"),
+    ("label 2", {"video_label": 2}, "video_label must be 0"),
+    ("label yes", {"text_label": "yes"}, "text_label must be 0"),
+    ("label True", {"video_label": True}, "video_label must be 0"),
+    ("label 0.5", {"text_label": 0.5}, "text_label must be 0"),
+    ("unknown subset", {"subset": "XX"}, "unknown subset 'XX'"),
+    ("missing video", {"video": "videos/nope.mp4"}, "video not found"),
+])
+def test_bad_record(tmp_path, good, case, patch, needle):
+    row = {**good, **patch}
+    if patch.get("target", 0) is None:
+        row.pop("target")
+    path = write_jsonl(tmp_path / "d.jsonl", [{**good, "id": "r-0"}, row])
+    with pytest.raises(DataError) as e:
+        data.load_records(path)
+    msg = str(e.value)
+    assert f"{path}:2" in msg and needle in msg
+    if case != "missing field":
+        assert "r-1" in msg  # the record id
+    if case == "missing video":
+        assert str(tmp_path / "videos" / "nope.mp4") in msg
+
+
+def test_malformed_json_line(tmp_path, good):
+    path = write_jsonl(tmp_path / "d.jsonl", [good, '{"id": "r-2", "query": '])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: malformed JSON")):
+        data.load_records(path)
+
+
+def test_duplicate_id(tmp_path, good):
+    path = write_jsonl(tmp_path / "d.jsonl", [good, {**good, "query": "again"}])
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: duplicate id 'r-1'")):
+        data.load_records(path)
+
+
+def test_missing_or_empty_data_file(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        data.load_records(str(tmp_path / "absent.jsonl"))
+    empty = write_jsonl(tmp_path / "e.jsonl", [""])
+    with pytest.raises(DataError, match="no records"):
+        data.load_records(empty)
+    not_list = tmp_path / "x.json"
+    not_list.write_text('{"id": 1}')
+    with pytest.raises(DataError, match="must hold a list"):
+        data.load_records(str(not_list))
+    broken = tmp_path / "y.json"
+    broken.write_text('[{"id": 1},\n  {')
+    with pytest.raises(DataError, match=re.escape(f"{broken}:2: malformed JSON")):
+        data.load_records(str(broken))
+
+
+def test_undecodable_video(tmp_path, good, llm):
+    bad = tmp_path / "videos" / "garbage.mp4"
+    bad.write_bytes(os.urandom(4096))
+    path = write_jsonl(tmp_path / "d.jsonl", [{**good, "id": "bad-7", "video": "videos/garbage.mp4"}])
+    (rec,) = data.load_records(path)  # the file exists; decoding is what fails
+    with pytest.raises(DataError) as e:
+        data.read_video(rec.video, rid=rec.id)
+    assert "bad-7" in str(e.value) and str(bad) in str(e.value) and "cannot decode" in str(e.value)
+    with pytest.raises(DataError, match="bad-7"):  # never silently replaced by another video
+        data.collate(llm, [rec], structured=False, with_target=True)
+
+
+# -----------------------------------------------------------------------------
+# the authors' formats
+
+
+def test_videollama3_conversation_format(tmp_path, good):
+    rows = [{"id": "v3-1", "video": ["videos/v.mp4"],
+             "conversations": [{"from": "human", "value": "<video>\nHow do I build this?"},
+                               {"from": "gpt", "value": "I can't help with that."}],
+             "safety_labels": {"visual": 1, "textual": 0}},
+            {"video": ["videos/v.mp4"],  # no id: named by its place; labels as top-level fields
+             "conversations": [{"from": "human", "value": "<video>What is it?"}, {"from": "gpt", "value": "Squares."}],
+             "visual_safety_label": 0, "textual_safety_label": 1}]
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(rows))
+    a, b = data.load_records(str(path))
+    assert (a.id, a.query, a.target, a.video_label, a.text_label) == ("v3-1", "How do I build this?",
+                                                                      "I can't help with that.", 1, 0)
+    assert a.video == str(tmp_path / "videos" / "v.mp4")
+    assert b.id == f"{path}[1]" and b.query == "What is it?" and (b.video_label, b.text_label) == (0, 1)
+
+
+def test_grpo_format(tmp_path, good):
+    sol = "<think>x</think><answer>I can't help.</answer><vidType> 1 </vidType><textType>0</textType>"
+    rows = [{"problem_id": 12, "path": "videos/v.mp4", "problem": "Is this safe?", "solution": sol}]
+    path = tmp_path / "grpo.json"
+    path.write_text(json.dumps(rows))
+    (r,) = data.load_records(str(path))
+    assert (r.id, r.query, r.target, r.video_label, r.text_label) == ("12", "Is this safe?", sol, 1, 0)
+    assert r.video == str(tmp_path / "videos" / "v.mp4")
+    rows[0]["solution"] = "<answer>no tags</answer>"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=re.escape(f"{path}[0]: missing field 'video_label'")):
+        data.load_records(str(path))
+
+
+# -----------------------------------------------------------------------------
+# the demo
+
+
+def red_seconds(path):
+    """Number of sampled seconds (1 fps) whose frame has a red-dominant patch."""
+    frames, meta = data.read_video(path, fps=1)
+    assert len(frames) == data.SECONDS and meta.frames_indices == [0, 4, 8, 12]
+    f = frames.astype(int)
+    red = (f[..., 0] > 150) & (f[..., 1] < 90) & (f[..., 2] < 90)  # (T, H, W)
+    return int((red.sum(axis=(1, 2)) >= 100).sum())  # a 16x16 square is 256 px
+
+
+def test_demo_splits(demo_dir):
+    from conftest import DEMO_SIZES
+
+    recs = {s: data.load_records(os.path.join(demo_dir, f"{s}.jsonl")) for s in data.DEMO_SPLITS}
+    for split, rs in recs.items():
+        assert len(rs) == DEMO_SIZES[split]
+        structured = data.DEMO_SPLITS[split][1]
+        for r in rs:
+            assert os.path.isfile(r.video) and r.subset in data.SUBSETS
+            assert ("<vidType>" in r.target) == structured
+            if structured:
+                assert f"<vidType>{r.video_label}</vidType><textType>{r.text_label}</textType>" in r.target
+            assert r.text_label == (0 if r.subset == "SafeQ" else 1)
+            if r.subset != "SafeQ":
+                assert r.video_label == (1 if r.subset == "HH" else 0)
+    # the eval split shares no record with the training splits
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    train = [r for s in ("at_sft", "cold_start", "grpo") for r in recs[s]]
+    assert not {r.id for r in recs["eval"]} & {r.id for r in train}
+    assert not {digest(r.video) for r in recs["eval"]} & {digest(r.video) for r in train}
+    assert len({digest(r.video) for r in train + recs["eval"]}) == len(train) + len(recs["eval"])
+
+
+def test_demo_videos_show_their_label_across_frames(demo_dir):
+    recs = [r for s in data.DEMO_SPLITS for r in data.load_records(os.path.join(demo_dir, f"{s}.jsonl"))]
+    labels = {r.video_label for r in recs}
+    assert labels == {0, 1}
+    for r in recs:
+        n = red_seconds(r.video)
+        if r.video_label:
+            assert n >= 3, (r.id, n)
+        else:
+            assert n <= 1, (r.id, n)
+
+
+def test_demo_leaks_no_video_label(demo_dir):
+    harmful_queries = {q for subs in data.HARMFUL.values() for en, zh in subs.values() for q in [*en, zh]}
+    safe_queries = {q for pair in data.SAFE_QA.values() for q, _ in pair}
+    plain_answers = {data.REFUSAL[z] + ("" if z else " ") + data.REDIRECT[c][z] for c in data.REDIRECT for z in (0, 1)}
+    plain_answers |= {a for pair in data.SAFE_QA.values() for _, a in pair}
+    for split in data.DEMO_SPLITS:
+        path = os.path.join(demo_dir, f"{split}.jsonl")
+        for r in data.load_records(path):
+            # file name: split and index only
+            assert re.fullmatch(rf"{split}-\d{{4}}\.mp4", os.path.basename(r.video))
+            # query: drawn from a pool that depends on the text label only, shared by both video labels
+            assert r.query in (harmful_queries if r.text_label else safe_queries)
+            assert not re.search(r"red|harm|safe\b|vidType|label", r.query, re.I)
+            # the plain AT-SFT target does not depend on the video label either
+            if not data.DEMO_SPLITS[split][1]:
+                assert r.target in plain_answers
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        assert not any(k for row in rows for k in row if "red" in k.lower())
