@@ -194,7 +194,8 @@ class VideoLLM:
 def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = 768, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
     """Generate from a left-padded prompt batch (data.collate). Eval mode, KV cache on (generating in train
-    mode with gradient checkpointing silently turns the cache off). Alarm tokens are never generated.
+    mode with gradient checkpointing silently turns the cache off). Alarm tokens and image/video
+    placeholders are never generated.
 
     Returns (completion ids (B, L), padded with pad_token_id after the end-of-turn token, decoded texts).
     """
@@ -202,10 +203,13 @@ def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = 768, do_sample
     llm.model.eval()
     tok = llm.tokenizer
     sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
-    bad = [[llm.alarm.visual_id], [llm.alarm.textual_id]] if llm.alarm is not None else None
+    bad = [[llm.alarm.visual_id], [llm.alarm.textual_id]] if llm.alarm is not None else []
+    # Nor image / video placeholders: a forward over prompt ++ completion would count them as visual tokens
+    # and fail ("video features and video tokens do not match") when GRPO recomputes the log-probs.
+    bad += [[i] for i in (getattr(llm.model.config, k, None) for k in ("image_token_id", "video_token_id")) if i is not None]
     inputs = {k: batch[k] for k in batch["model_keys"]}
     out = llm.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=llm.eot_id,
-                             pad_token_id=tok.pad_token_id, bad_words_ids=bad, **sample)
+                             pad_token_id=tok.pad_token_id, bad_words_ids=bad or None, **sample)
     llm.model.train(was_training)
     completion = out[:, inputs["input_ids"].shape[1]:]  # (B, L)
     return completion, tok.batch_decode(completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
