@@ -120,12 +120,13 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
             n_tokens += int(batch["attention_mask"].sum())
             seen += len(batch_records)
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         row = {"phase": phase, "step": step + 1, "of": total, **{k: round(v, 5) for k, v in sums.items()},
                "grad_norm": round(float(grad_norm), 4), "tok_per_s": round(n_tokens / (time.time() - t0), 1),
-               **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+               **lrs}
         if use_atc:
             row.update(atc_v_acc=round(hits_v / seen, 4), atc_t_acc=round(hits_t / seen, 4))
         log(row)

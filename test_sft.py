@@ -1,0 +1,86 @@
+"""AT-SFT and cold start end to end on the tiny model: the loss falls, the checkpoint reloads with the
+trained weights, the same seed gives the same weights, and the two-phase recipe trains what it says."""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+import at_sft
+import cold_start
+import model as M
+
+FAST = ["--batch-size", "3", "--grad-accum", "2", "--lr-llm", "3e-3", "--lr-alarm", "3e-2", "--lr-heads", "3e-2",
+        "--warmup-ratio", "0", "--eval-records", "3"]
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _steps(out, phase):
+    return [r for r in _rows(out) if r.get("phase") == phase]
+
+
+def _weights(out):
+    w = load_file(os.path.join(out, "model.safetensors"))
+    w.update({"alarm." + k: v for k, v in load_file(os.path.join(out, M.ALARM_FILE)).items()})
+    return w
+
+
+def _at_sft(demo_dir, out, *extra):
+    return at_sft.main(["--data", f"{demo_dir}/at_sft.jsonl", "--eval-data", f"{demo_dir}/eval.jsonl",
+                        "--out", out, *FAST, *extra])
+
+
+def test_at_sft_learns_and_checkpoint_reloads(demo_dir, tmp_path):
+    out = str(tmp_path / "at_sft")
+    summary = _at_sft(demo_dir, out, "--epochs", "6")  # 6 records / 6 per step = 6 steps
+    steps = _steps(out, "at_sft")
+    assert len(steps) == 6 == summary["steps"]
+    assert {"lm", "atc_v", "atc_t", "atc_v_acc", "atc_t_acc", "lr_llm", "lr_alarm", "lr_heads", "tok_per_s"} <= set(steps[0])
+    # L = L_base + λ1 L_v + λ2 L_t, as logged
+    s = steps[0]
+    assert abs(s["loss"] - (s["lm"] + 0.1 * s["atc_v"] + 0.1 * s["atc_t"])) < 1e-3
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5, [r["loss"] for r in steps]
+
+    llm = M.load_model(out, device="cpu", dtype=torch.float32)
+    assert llm.alarm is not None and llm.meta["stage"] == "at_sft" and llm.meta["step"] == 6
+    assert llm.alarm.vectors.abs().sum() > 0  # trained away from the zero init, and saved
+    base = M.load_model("tiny-videollama3", device="cpu", dtype=torch.float32)
+    moved = [n for n, p in llm.model.named_parameters() if not torch.equal(p, dict(base.model.named_parameters())[n])]
+    assert moved and all(M._is_llm(n) for n in moved)  # the LLM moved; vision encoder and projector did not
+
+
+def test_same_seed_same_weights(demo_dir, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        _at_sft(demo_dir, out, "--max-steps", "2", "--eval-records", "0")
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_phase_runs_alarm_init_then_full_loss(demo_dir, tmp_path):
+    out = str(tmp_path / "two")
+    summary = _at_sft(demo_dir, out, "--two-phase", "--epochs", "2", "--eval-records", "0")
+    init, full = _steps(out, "alarm_init"), _steps(out, "at_sft")
+    assert len(init) == 2 and len(full) == 2 and summary["steps"] == 4
+    assert "atc_v" not in init[0] and "lr_heads" not in init[0] and init[0]["lr_alarm"] > 0  # LM loss; no heads
+    assert "atc_v" in full[0] and "lr_heads" in full[0]
+
+
+def test_cold_start_trains_llm_only_with_alarm_in_prompt(demo_dir, tmp_path):
+    first = str(tmp_path / "at_sft")
+    _at_sft(demo_dir, first, "--max-steps", "1", "--eval-records", "0")
+    out = str(tmp_path / "cold")
+    summary = cold_start.main(["--model", first, "--data", f"{demo_dir}/cold_start.jsonl", "--eval-data",
+                               f"{demo_dir}/eval.jsonl", "--out", out, *FAST, "--epochs", "6"])
+    steps = _steps(out, "cold_start")
+    assert len(steps) == 6 and "atc_v" not in steps[0] and set(k for k in steps[0] if k.startswith("lr_")) == {"lr_llm"}
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    assert 0.0 <= summary["heldout_format_rate"] <= 1.0
+    before, after = _weights(first), _weights(out)
+    for k in ("alarm.vectors", "alarm.head_v.weight", "alarm.head_t.bias"):  # frozen in cold start
+        assert torch.equal(before[k], after[k])
