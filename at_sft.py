@@ -54,18 +54,19 @@ def get_args(argv=None, stage: str = "at_sft", **defaults) -> argparse.Namespace
     p.add_argument("--batch-size", type=int, default=4, help="records per micro-batch")
     p.add_argument("--grad-accum", type=int, default=32, help="micro-batches per optimizer step (paper: global batch 128)")
     p.add_argument("--lr-llm", type=float, default=1e-6, help="learning rate of the language model (paper: 1e-6)")
-    p.add_argument("--lr-alarm", type=float, default=1e-5, help="learning rate of the alarm vectors (paper: 1e-5)")
-    p.add_argument("--lr-heads", type=float, default=1e-5, help="learning rate of the ATC heads (paper: 1e-5)")
-    p.add_argument("--lambda-v", type=float, default=0.1, help="λ1, weight of the video ATC loss")
-    p.add_argument("--lambda-t", type=float, default=0.1, help="λ2, weight of the text ATC loss")
+    atc_only = (lambda h: h) if stage == "at_sft" else (lambda h: argparse.SUPPRESS)  # hidden in cold start's --help
+    p.add_argument("--lr-alarm", type=float, default=1e-5, help=atc_only("learning rate of the alarm vectors (paper: 1e-5)"))
+    p.add_argument("--lr-heads", type=float, default=1e-5, help=atc_only("learning rate of the ATC heads (paper: 1e-5)"))
+    p.add_argument("--lambda-v", type=float, default=0.1, help=atc_only("λ1, weight of the video ATC loss"))
+    p.add_argument("--lambda-t", type=float, default=0.1, help=atc_only("λ2, weight of the text ATC loss"))
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps of linear warmup before cosine decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (paper: 1)")
     p.add_argument("--max-frames", type=int, default=90, help="at most this many frames per video (paper: 90)")
     p.add_argument("--two-phase", action="store_true",
-                   help="the authors' recipe: phase 1 = LM loss only on LLM + alarm vectors, then phase 2 = the full "
-                        "AT-SFT loss on LLM + alarm + ATC heads (default: the paper's single objective)")
+                   help=atc_only("the authors' recipe: phase 1 = LM loss only on LLM + alarm vectors, then phase 2 = "
+                                 "the full AT-SFT loss on LLM + alarm + ATC heads (default: the paper's single objective)"))
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--eval-records", type=int, default=60, help="held-out records for the end-of-run check (0 = skip)")
     p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same machine: same weights)")
