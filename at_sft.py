@@ -72,6 +72,11 @@ def get_args(argv=None, stage: str = "at_sft", **defaults) -> argparse.Namespace
     p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same machine: same weights)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
+    p.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps (0 = only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume: weights, optimizer, scheduler, RNG, data position")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="leave out (and name in the log) records with bad fields or undecodable videos instead of stopping")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
     args.data = args.data or D.demo_split(stage)
@@ -84,8 +89,10 @@ def get_args(argv=None, stage: str = "at_sft", **defaults) -> argparse.Namespace
 
 
 def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: bool, use_atc: bool,
-              train_alarm: bool, train_heads: bool, log) -> int:
-    """Run one supervised phase over `records`; return the number of optimizer steps taken."""
+              train_alarm: bool, train_heads: bool, log, skipped: dict, resume: dict | None = None) -> int:
+    """Run one supervised phase over `records`; return the number of optimizer steps taken.
+
+    resume: {"dir", "phase", "step"} of a snapshot to continue from (ignored if it belongs to another phase)."""
     M.set_trainable(llm, train_llm=True, train_alarm=train_alarm, train_heads=train_heads)
     groups = M.param_groups(llm, args.lr_llm, args.lr_alarm, args.lr_heads, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
@@ -94,17 +101,22 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     if args.max_steps:
         total = min(total, args.max_steps)
     scheduler = M.cosine_schedule(optimizer, total, args.warmup_ratio)
-    order = _epoch_order(len(records), total * global_batch, args.seed)
+    order = _epoch_order(len(records), total * global_batch, args.seed)  # the data position is the step
+    start, resume_dir = 0, os.path.join(args.out, "resume")
+    if resume and resume["phase"] == phase:
+        start = M.load_train_state(resume["dir"], optimizer, scheduler)["step"]
     llm.model.train()
-    bar = tqdm(range(total), desc=phase, dynamic_ncols=True)
+    bar = tqdm(range(start, total), desc=phase, dynamic_ncols=True, initial=start, total=total)
     for step in bar:
         t0, n_tokens, sums = time.time(), 0, {"loss": 0.0}
         hits_v = hits_t = seen = 0
         for micro in range(args.grad_accum):
             lo = (step * args.grad_accum + micro) * args.batch_size
             batch_records = [records[i] for i in order[lo:lo + args.batch_size]]
-            batch = D.collate(llm, batch_records, structured=structured, with_target=True,
-                              fps=args.fps, max_frames=args.max_frames)
+            batch = D.collate(llm, batch_records, structured=structured, with_target=True, fps=args.fps,
+                              max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
+            if batch is None:  # every record of this micro-batch was bad and skipped
+                continue
             with M.autocast(llm.device):
                 out = llm.forward(batch)
             if use_atc:  # L = L_base + λ1·L_ATC^v + λ2·L_ATC^t
@@ -119,8 +131,9 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
             for k, v in parts.items():  # lm, and atc_v / atc_t when the ATC loss is on
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(batch["attention_mask"].sum())
-            seen += len(batch_records)
+            seen += len(batch["records"])
         grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+        M.check_finite(sums["loss"], grad_norm, step + 1, resume_dir)  # stop before a NaN reaches the weights
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
         optimizer.step()
         scheduler.step()
@@ -129,8 +142,10 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
                "grad_norm": round(float(grad_norm), 4), "tok_per_s": round(n_tokens / (time.time() - t0), 1),
                **lrs}
         if use_atc:
-            row.update(atc_v_acc=round(hits_v / seen, 4), atc_t_acc=round(hits_t / seen, 4))
+            row.update(atc_v_acc=round(hits_v / max(seen, 1), 4), atc_t_acc=round(hits_t / max(seen, 1), 4))
         log(row)
+        if step + 1 == total or (args.save_every and (step + 1) % args.save_every == 0):
+            M.save_train_state(resume_dir, llm, optimizer, scheduler, {"phase": phase, "step": step + 1})
         bar.set_postfix(loss=f"{row['loss']:.3f}", **({"acc_v": row["atc_v_acc"], "acc_t": row["atc_t_acc"]} if use_atc else {}))
     return total
 
@@ -174,10 +189,10 @@ def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_g
     return result
 
 
-def open_log(out_dir: str):
-    """Append-mode JSONL logger for metrics.jsonl."""
+def open_log(out_dir: str, append: bool = False):
+    """JSONL logger for OUT/metrics.jsonl (appended to when a run resumes)."""
     os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+    f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w")
 
     def log(row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -189,33 +204,57 @@ def open_log(out_dir: str):
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None) -> dict:
-    args = get_args(argv)
-    M.seed_everything(args.seed)
-    llm = M.load_model(args.model, device=args.device, dtype=torch.float32, with_alarm=True,
-                       trust_remote_code=args.trust_remote_code)
+def start(args, stage: str):
+    """Load the model (or, with --resume, the last snapshot), the records and the log for a stage."""
+    resume = None
+    if args.resume:
+        src = M.find_train_state(os.path.join(args.out, "resume"))
+        if src is None:
+            raise M.TrainingError(f"--resume: no snapshot in {os.path.join(args.out, 'resume')}; run without --resume")
+        with open(os.path.join(src, M.META_FILE)) as f:
+            resume = {"dir": src, **json.load(f)["resume_state"]}
+        print(f"{stage}: resuming from {src} (phase {resume['phase']}, step {resume['step']})")
+    llm = M.load_model(resume["dir"] if resume else args.model, device=args.device, dtype=torch.float32,
+                       with_alarm=True, trust_remote_code=args.trust_remote_code)
     if args.gradient_checkpointing:
         llm.model.gradient_checkpointing_enable()
-    records = D.load_records(args.data)
-    log = open_log(args.out)
+    skipped: dict = {}
+    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)
+    log = open_log(args.out, append=resume is not None)
     log({"config": vars(args)})
-    print(f"AT-SFT: {len(records)} records from {args.data}; model {args.model}; out {args.out}")
+    print(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}")
+    return llm, records, log, skipped, resume
 
-    steps = 0
-    if args.two_phase:  # authors: stage 1 alarm init (LM loss; LLM + alarm), stage 2 (full loss; + heads)
-        steps += train_sft(llm, args, records, phase="alarm_init", structured=False, use_atc=False,
-                           train_alarm=True, train_heads=False, log=log)
-    steps += train_sft(llm, args, records, phase="at_sft", structured=False, use_atc=True,
-                       train_alarm=True, train_heads=True, log=log)
 
-    summary = {"stage": "at_sft", "steps": steps}
-    if args.eval_records:
-        summary.update(heldout_check(llm, D.load_records(args.eval_data)[:args.eval_records], args, structured=False))
+def finish(llm, args, log, skipped: dict, summary: dict) -> dict:
+    """Log the summary (with any skipped records by name), save the final checkpoint to OUT."""
+    if skipped:
+        summary.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
     log({"summary": summary})
-    M.save_checkpoint(llm, args.out, meta={"stage": "at_sft", "args": vars(args), "step": steps, **summary})
-    print(json.dumps(summary, ensure_ascii=False))
+    M.save_checkpoint(llm, args.out, meta={"args": vars(args), **summary})
+    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, ensure_ascii=False))
     return summary
 
 
+def main(argv=None) -> dict:
+    args = get_args(argv)
+    M.seed_everything(args.seed)
+    llm, records, log, skipped, resume = start(args, "AT-SFT")
+    common = dict(log=log, skipped=skipped, resume=resume)
+
+    steps = 0
+    if args.two_phase and not (resume and resume["phase"] == "at_sft"):
+        # the authors' stage 1, alarm init: LM loss only; LLM + alarm vectors
+        steps += train_sft(llm, args, records, phase="alarm_init", structured=False, use_atc=False,
+                           train_alarm=True, train_heads=False, **common)
+    steps += train_sft(llm, args, records, phase="at_sft", structured=False, use_atc=True,
+                       train_alarm=True, train_heads=True, **common)
+
+    summary = {"stage": "at_sft", "step": steps}
+    if args.eval_records:
+        summary.update(heldout_check(llm, D.load_records(args.eval_data)[:args.eval_records], args, structured=False))
+    return finish(llm, args, log, skipped, summary)
+
+
 if __name__ == "__main__":
-    main()
+    D.run_cli(main)

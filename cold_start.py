@@ -19,39 +19,25 @@ Run:
 
 from __future__ import annotations
 
-import json
-
-import torch
-
 import data as D
 import model as M
-from at_sft import get_args, heldout_check, open_log, train_sft
+from at_sft import finish, get_args, heldout_check, start, train_sft
 
 
 def main(argv=None) -> dict:
     args = get_args(argv, stage="cold_start", description=__doc__.split("\n\n")[0], model="runs/demo/at_sft")
     M.seed_everything(args.seed)
-    llm = M.load_model(args.model, device=args.device, dtype=torch.float32, with_alarm=True,
-                       trust_remote_code=args.trust_remote_code)
-    if args.gradient_checkpointing:
-        llm.model.gradient_checkpointing_enable()
-    records = D.load_records(args.data)
-    log = open_log(args.out)
-    log({"config": vars(args)})
-    print(f"cold start: {len(records)} records from {args.data}; model {args.model}; out {args.out}")
+    llm, records, log, skipped, resume = start(args, "cold start")
 
     steps = train_sft(llm, args, records, phase="cold_start", structured=True, use_atc=False,
-                      train_alarm=False, train_heads=False, log=log)
+                      train_alarm=False, train_heads=False, log=log, skipped=skipped, resume=resume)
 
-    summary = {"stage": "cold_start", "steps": steps}
+    summary = {"stage": "cold_start", "step": steps}
     if args.eval_records:  # do greedy answers pass the format check on held-out prompts?
         heldout = D.load_records(args.eval_data)[:args.eval_records]
         summary.update(heldout_check(llm, heldout, args, structured=True, n_generate=min(len(heldout), 16)))
-    log({"summary": summary})
-    M.save_checkpoint(llm, args.out, meta={"stage": "cold_start", "args": vars(args), "step": steps, **summary})
-    print(json.dumps(summary, ensure_ascii=False))
-    return summary
+    return finish(llm, args, log, skipped, summary)
 
 
 if __name__ == "__main__":
-    main()
+    D.run_cli(main)

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -112,8 +113,10 @@ def _record(obj: dict, where: str, root: str) -> Record:
                   subcategory=str(obj.get("subcategory", "")), language=str(obj.get("language", "en")), where=where)
 
 
-def load_records(path: str) -> list[Record]:
-    """Read a JSONL file of records (or the authors' .json list). Raises DataError on the first bad row."""
+def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = None) -> list[Record]:
+    """Read a JSONL file of records (or the authors' .json list).
+
+    A bad row raises DataError, or with skip_bad=True is left out and noted in `skipped` (where -> why)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
     root = os.path.dirname(os.path.abspath(path))
@@ -135,16 +138,31 @@ def load_records(path: str) -> list[Record]:
                 try:
                     items.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+                    _bad(DataError(f"{path}:{n}: malformed JSON ({e.msg})"), skip_bad, skipped)
     for where, obj in items:
-        rec = _record(obj, where, root)
-        if rec.id in seen:
-            raise DataError(f"{where}: duplicate id {rec.id!r}")
+        try:
+            rec = _record(obj, where, root)
+            if rec.id in seen:
+                raise DataError(f"{where}: duplicate id {rec.id!r}")
+        except (DataError, KeyError, IndexError, TypeError) as e:
+            err = e if isinstance(e, DataError) else DataError(f"{where}: malformed record ({type(e).__name__}: {e})")
+            _bad(err, skip_bad, skipped)
+            continue
         seen.add(rec.id)
         records.append(rec)
     if not records:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{path}: no usable records" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return records
+
+
+def _bad(err: DataError, skip_bad: bool, skipped: dict | None) -> None:
+    """Raise a bad-input error, or (skip_bad) log it and note it in `skipped`."""
+    if not skip_bad:
+        raise err
+    where = str(err).split(": ", 1)[0]
+    if skipped is not None and where not in skipped:
+        skipped[where] = str(err)
+        print(f"skipping bad record: {err}", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
@@ -217,34 +235,43 @@ def build_prompt(processor, query: str, *, has_video: bool, structured: bool, al
 
 
 def collate(llm, records: list[Record], *, structured: bool, with_target: bool, no_video: bool = False,
-            fps: float = 1.0, max_frames: int = 90, alarm: bool | None = None) -> dict:
+            fps: float = 1.0, max_frames: int = 90, alarm: bool | None = None,
+            skip_bad: bool = False, skipped: dict | None = None) -> dict | None:
     """Turn records into one model batch (tensors on llm.device).
 
     with_target: append each record's target and the end-of-turn token, and set labels (-100 everywhere
     but on those assistant tokens). Otherwise the batch is a generation prompt.
     alarm: put alarm tokens in the prompt (default: iff the model has them).
+    skip_bad: a record whose video cannot be decoded is left out (and noted in `skipped`) instead of
+    raising DataError; never replaced by another. The batch's "records" are the ones kept (None if none).
     """
     proc = llm.processor
     alarm = llm.alarm is not None if alarm is None else alarm
     eot = end_of_turn(proc)
-    texts, videos, metas = [], [], []
+    texts, videos, metas, kept = [], [], [], []
     for r in records:
         has_video = r.video is not None and not no_video
-        text = build_prompt(proc, r.query, has_video=has_video, structured=structured, alarm=alarm)
-        if with_target:
-            text += r.target + eot
-        texts.append(text)
         if has_video:
-            frames, meta = read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id)
+            try:
+                frames, meta = read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id)
+            except DataError as e:
+                _bad(DataError(f"record {r.id} ({r.where}): {str(e).split(': ', 1)[-1]}"), skip_bad, skipped)
+                continue
             videos.append(frames)
             metas.append(meta)
+        text = build_prompt(proc, r.query, has_video=has_video, structured=structured, alarm=alarm)
+        texts.append(text + (r.target + eot if with_target else ""))
+        kept.append(r)
+    if not kept:
+        return None
+    records = kept
     kw = dict(videos=videos, video_metadata=metas, do_sample_frames=False) if videos else {}
     proc.tokenizer.padding_side = "left"
     batch = dict(proc(text=texts, padding=True, return_tensors="pt", **kw))
     ids = batch["input_ids"]
     if alarm and videos:  # the visual alarm must sit right after the expanded video tokens
         _check_visual_alarm(llm, ids, records)
-    out = {"model_keys": tuple(batch.keys()), "has_alarm": alarm, **batch}
+    out = {"model_keys": tuple(batch.keys()), "has_alarm": alarm, "records": records, **batch}
     if with_target:
         labels = torch.full_like(ids, -100)
         for row, r in enumerate(records):
@@ -267,6 +294,21 @@ def _check_visual_alarm(llm, ids: torch.Tensor, records) -> None:
         pos = (ids[row] == vid).nonzero()
         if len(pos) and int(ids[row, int(pos[-1]) - 1]) not in ok:
             raise DataError(f"record {records[row].id}: visual alarm is not right after the video tokens")
+
+
+def run_cli(main) -> None:
+    """Run a stage's main(): bad input or a stopped run ends with one clear line and a non-zero exit,
+    not a traceback (unless --debug is given)."""
+    from model import TrainingError
+
+    try:
+        main()
+    except (DataError, TrainingError, OSError) as e:
+        if "--debug" in sys.argv:
+            raise
+        kind = "bad input" if isinstance(e, DataError) else "stopped" if isinstance(e, TrainingError) else "error"
+        print(f"{os.path.basename(sys.argv[0])}: {kind}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(e, DataError) else 1)
 
 
 # -----------------------------------------------------------------------------

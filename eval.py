@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
     add("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, else fp32)")
     add("--trust-remote-code", action="store_true", help="allow a hub model's own code (the model and an hf judge)")
+    add("--skip-bad-records", action="store_true", help="leave out (and name in metrics.json) bad records and "
+        "undecodable videos instead of stopping; a video is never replaced by another")
+    add("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
     add("--compare", nargs="+", metavar="DIR", help="evaluate nothing: put the runs in these --out folders in one table")
     return p.parse_args(argv)
 
@@ -514,7 +517,8 @@ def evaluate(args) -> dict:
     with open(cfg_path, "w") as f:
         json.dump(config, f, indent=2)
 
-    records = load_records(args.data)[: args.limit]
+    skipped: dict = {}  # bad records left out with --skip-bad-records: where -> why
+    records = load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)[: args.limit]
     pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
     done = {p["id"] for p in read_predictions(pred_path)}
     todo = [r for r in records if r.id not in done]
@@ -534,7 +538,11 @@ def evaluate(args) -> dict:
                 chunk = todo[i : i + args.batch_size]
                 # the alarm tokens go into the prompt iff llm.alarm is not None (collate decides)
                 batch = collate(llm, chunk, structured=not args.plain_prompt, with_target=False, no_video=args.no_video,
-                                fps=args.fps, max_frames=args.max_frames)
+                                fps=args.fps, max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
+                bar.update(len(chunk) - (len(batch["records"]) if batch else 0))  # undecodable videos, skipped
+                if batch is None:
+                    continue
+                chunk = batch["records"]
                 with torch.no_grad():
                     _, responses = generate(llm, batch, max_new_tokens=args.max_new_tokens,
                                             do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
@@ -549,7 +557,11 @@ def evaluate(args) -> dict:
                     f.flush()  # an interrupted run loses only the records not yet written
                     bar.update(1)
 
-    metrics = compute_metrics(read_predictions(pred_path), records)
+    preds = read_predictions(pred_path)
+    have = {p["id"] for p in preds}
+    metrics = compute_metrics(preds, [r for r in records if r.id in have])
+    if skipped:
+        metrics.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
     metrics["config"] = config
     with open(os.path.join(out, f"metrics{suffix}.json"), "w") as f:
         json.dump(metrics, f, indent=2, ensure_ascii=False)
@@ -585,4 +597,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from data import run_cli
+
+    run_cli(main)

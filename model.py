@@ -369,7 +369,7 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
     processor.tokenizer.padding_side = "left"  # prompts are left-padded for generation
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kw).to(device)
     meta = {}
-    meta_file = os.path.join(name_or_path, "videosafety_meta.json")
+    meta_file = os.path.join(name_or_path, META_FILE)
     if os.path.isfile(meta_file):
         with open(meta_file) as f:
             meta = json.load(f)
@@ -383,16 +383,88 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
     return VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
 
 
+META_FILE = "videosafety_meta.json"
+TRAIN_STATE = "train_state.pt"
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss or gradient, nothing to resume from). One clear line."""
+
+
 def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> None:
     """A directory transformers can load (safetensors weights, tokenizer and processor with the
-    alarm tokens) plus alarm.safetensors (vectors + heads) and videosafety_meta.json (config, step)."""
+    alarm tokens) plus alarm.safetensors (vectors + heads) and videosafety_meta.json (config, step).
+
+    Atomic: files are written to a temporary folder first, then each is renamed into place, the
+    metadata last, so a crash mid-save never leaves a mix that looks complete."""
     os.makedirs(directory, exist_ok=True)
-    llm.model.save_pretrained(directory, safe_serialization=True)
-    llm.processor.save_pretrained(directory)
+    tmp = os.path.join(directory, f".saving-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    llm.model.save_pretrained(tmp, safe_serialization=True)
+    llm.processor.save_pretrained(tmp)
     if llm.alarm is not None:
-        llm.alarm.save(directory)
-    with open(os.path.join(directory, "videosafety_meta.json"), "w") as f:
+        llm.alarm.save(tmp)
+    with open(os.path.join(tmp, META_FILE), "w") as f:
         json.dump(meta or {}, f, indent=2, default=str)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == META_FILE):  # metadata last
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    os.rmdir(tmp)
+
+
+def save_train_state(directory: str, llm: VideoLLM, optimizer, scheduler, state: dict) -> None:
+    """A resumable snapshot: the model checkpoint plus optimizer, scheduler, RNG and loop state.
+    Written to `directory`.tmp, then swapped in by renames; the previous snapshot survives until then."""
+    import random
+
+    tmp, old = directory + ".tmp", directory + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(llm, tmp, meta={"resume_state": state})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(tmp, TRAIN_STATE))
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(directory):
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_train_state(directory: str) -> str | None:
+    """The snapshot to resume from (or the previous one, if a crash hit between the two renames)."""
+    for d in (directory, directory + ".old"):
+        if os.path.isfile(os.path.join(d, TRAIN_STATE)) and os.path.isfile(os.path.join(d, META_FILE)):
+            return d
+    return None
+
+
+def load_train_state(directory: str, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG states saved by save_train_state; return the loop state.
+    (The model itself is loaded from the same directory with load_model.)"""
+    import random
+
+    ckpt = torch.load(os.path.join(directory, TRAIN_STATE), weights_only=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    random.setstate(_as_tuple(ckpt["python_rng"]))
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["state"]
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def check_finite(loss: float, grad_norm, step: int, resume_dir: str) -> None:
+    """Stop on a non-finite loss or gradient before the optimizer step spoils the weights."""
+    import math
+
+    if not math.isfinite(float(loss)) or not math.isfinite(float(grad_norm)):
+        raise TrainingError(f"step {step}: non-finite loss ({float(loss)}) or gradient norm ({float(grad_norm)}); "
+                            f"weights were not updated. The last good snapshot is in {resume_dir} (if any was saved): "
+                            "lower the learning rate or check the data, then rerun with --resume.")
 
 
 # -----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_at_sft_learns_and_checkpoint_reloads(demo_dir, tmp_path):
     out = str(tmp_path / "at_sft")
     summary = _at_sft(demo_dir, out, "--epochs", "6")  # 6 records / 6 per step = 6 steps
     steps = _steps(out, "at_sft")
-    assert len(steps) == 6 == summary["steps"]
+    assert len(steps) == 6 == summary["step"]
     assert {"lm", "atc_v", "atc_t", "atc_v_acc", "atc_t_acc", "lr_llm", "lr_alarm", "lr_heads", "tok_per_s"} <= set(steps[0])
     # L = L_base + λ1 L_v + λ2 L_t, as logged
     s = steps[0]
@@ -66,7 +66,7 @@ def test_two_phase_runs_alarm_init_then_full_loss(demo_dir, tmp_path):
     out = str(tmp_path / "two")
     summary = _at_sft(demo_dir, out, "--two-phase", "--epochs", "2", "--eval-records", "0")
     init, full = _steps(out, "alarm_init"), _steps(out, "at_sft")
-    assert len(init) == 2 and len(full) == 2 and summary["steps"] == 4
+    assert len(init) == 2 and len(full) == 2 and summary["step"] == 4
     assert "atc_v" not in init[0] and "lr_heads" not in init[0] and init[0]["lr_alarm"] > 0  # LM loss; no heads
     assert "atc_v" in full[0] and "lr_heads" in full[0]
 
