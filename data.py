@@ -151,7 +151,7 @@ def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = No
         seen.add(rec.id)
         records.append(rec)
     if not records:
-        raise DataError(f"{path}: no usable records" + (f" ({len(skipped)} skipped)" if skipped else ""))
+        raise DataError(f"{path}: no records" + (f" left after skipping {len(skipped)} bad ones" if skipped else ""))
     return records
 
 
@@ -208,18 +208,25 @@ def end_of_turn(processor) -> str:
 
 
 def build_prompt(processor, query: str, *, has_video: bool, structured: bool, alarm: bool) -> str:
-    """The user turn (video, query, optional structured instruction) through the model's chat template.
+    """The user turn (video, then query) through the model's chat template; with `structured`, the
+    structured-output instruction is the system turn.
 
     Alarm tokens (when `alarm`): <|textual_alarm|> ends the user text, just before the end-of-turn token;
     <|visual_alarm|> goes right after the video block (after the last frame's tokens). A text-only
     prompt gets both at the end of the text.
+
+    Why the instruction goes in the system turn: the textual alarm then follows the query itself in
+    every stage's prompt (AT-SFT's plain prompts and the structured ones of cold start, GRPO and eval),
+    so the ATC heads trained in AT-SFT read the same local context later.
     """
-    text = query.strip() + ("\n" + STRUCTURED_INSTRUCTION if structured else "")
+    text = query.strip()
     if alarm:
         text += ("" if has_video else VISUAL_ALARM) + TEXTUAL_ALARM
     content = ([{"type": "video"}] if has_video else []) + [{"type": "text", "text": text}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
+    messages = [{"role": "user", "content": content}]
+    if structured:
+        messages.insert(0, {"role": "system", "content": STRUCTURED_INSTRUCTION})
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if alarm and has_video:
         vt = processor.video_token
         i = prompt.index(vt) + len(vt)

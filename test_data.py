@@ -124,7 +124,7 @@ def test_build_prompt_alarm_is_only_insertion(llm, has_video):
     assert VISUAL_ALARM not in without and TEXTUAL_ALARM not in without
     assert with_alarm.replace(VISUAL_ALARM, "").replace(TEXTUAL_ALARM, "") == without
     assert with_alarm.endswith(TEXTUAL_ALARM + "<|im_end|>\n<|im_start|>assistant\n")
-    assert "Is this ok?\n" + data.STRUCTURED_INSTRUCTION in with_alarm
+    assert with_alarm.startswith("<|im_start|>system\n" + data.STRUCTURED_INSTRUCTION + "<|im_end|>\n")
     if not has_video:
         assert VISUAL_ALARM + TEXTUAL_ALARM + "<|im_end|>" in with_alarm
 
