@@ -13,6 +13,11 @@ Run (one process; CPU or one GPU):
     python at_sft.py --model lkhl/VideoLLaMA3-2B-Image-HF --data vst_at_sft.jsonl --out runs/vsr1/at_sft \
         --batch-size 4 --grad-accum 32 --gradient-checkpointing
 
+Run (8 GPUs, one node; the model is sharded with FSDP2, the data split over the processes; the same global
+batch of 4 × 4 × 8 = 128 gives the same steps as one process with --grad-accum 32):
+    torchrun --nproc_per_node 8 at_sft.py --model lkhl/VideoLLaMA3-2B-Image-HF --data vst_at_sft.jsonl \
+        --out runs/vsr1/at_sft --batch-size 4 --grad-accum 4 --gradient-checkpointing
+
 Where we depart from the authors' code, and why:
 - They train in two runs: stage 1 "alarm init" (LM loss only, LLM + alarm vectors) and stage 2 (the full
   loss, + heads). The paper describes the single objective above. Default: the single objective;
@@ -52,7 +57,9 @@ def get_args(argv=None, stage: str = "at_sft", **defaults) -> argparse.Namespace
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
     p.add_argument("--batch-size", type=int, default=4, help="records per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=32, help="micro-batches per optimizer step (paper: global batch 128)")
+    p.add_argument("--grad-accum", type=int, default=32,
+                   help="micro-batches per optimizer step in each process (global batch = batch-size x grad-accum x "
+                        "processes; paper: 128)")
     p.add_argument("--lr-llm", type=float, default=1e-6, help="learning rate of the language model (paper: 1e-6)")
     atc_only = (lambda h: h) if stage == "at_sft" else (lambda h: argparse.SUPPRESS)  # hidden in cold start's --help
     p.add_argument("--lr-alarm", type=float, default=1e-5, help=atc_only("learning rate of the alarm vectors (paper: 1e-5)"))
@@ -70,7 +77,7 @@ def get_args(argv=None, stage: str = "at_sft", **defaults) -> argparse.Namespace
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--eval-records", type=int, default=60, help="held-out records for the end-of-run check (0 = skip)")
     p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same machine: same weights)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     p.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps (0 = only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/resume: weights, optimizer, scheduler, RNG, data position")
@@ -92,11 +99,17 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
               train_alarm: bool, train_heads: bool, log, skipped: dict, resume: dict | None = None) -> int:
     """Run one supervised phase over `records`; return the number of optimizer steps taken.
 
-    resume: {"dir", "phase", "step"} of a snapshot to continue from (ignored if it belongs to another phase)."""
+    resume: {"dir", "phase", "step"} of a snapshot to continue from (ignored if it belongs to another phase).
+
+    Under torchrun (llm sharded by M.shard_model) each rank runs --grad-accum micro-batches per step: the global
+    batch is batch_size × grad_accum × world, and micro-batch m of a step in one process with grad_accum × world
+    is rank r's local micro-batch j with m = j·world + r. Each rank's loss is divided by grad_accum and FSDP
+    averages the gradients over ranks, so a step equals that one-process step."""
+    rank, world = M.dist_rank(), M.dist_world()
     M.set_trainable(llm, train_llm=True, train_alarm=train_alarm, train_heads=train_heads)
     groups = M.param_groups(llm, args.lr_llm, args.lr_alarm, args.lr_heads, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    global_batch = args.batch_size * args.grad_accum
+    global_batch = args.batch_size * args.grad_accum * world
     total = math.ceil(len(records) * args.epochs / global_batch)
     if args.max_steps:
         total = min(total, args.max_steps)
@@ -104,14 +117,14 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     order = _epoch_order(len(records), total * global_batch, args.seed)  # the data position is the step
     start, resume_dir = 0, os.path.join(args.out, "resume")
     if resume and resume["phase"] == phase:
-        start = M.load_train_state(resume["dir"], optimizer, scheduler)["step"]
+        start = M.load_train_state(resume["dir"], optimizer, scheduler, llm)["step"]
     llm.model.train()
-    bar = tqdm(range(start, total), desc=phase, dynamic_ncols=True, initial=start, total=total)
+    bar = tqdm(range(start, total), desc=phase, dynamic_ncols=True, initial=start, total=total, disable=rank != 0)
     for step in bar:
         t0, n_tokens, sums = time.time(), 0, {"loss": 0.0}
         hits_v = hits_t = seen = 0
         for micro in range(args.grad_accum):
-            lo = (step * args.grad_accum + micro) * args.batch_size
+            lo = ((step * args.grad_accum + micro) * world + rank) * args.batch_size  # this rank's share
             batch_records = [records[i] for i in order[lo:lo + args.batch_size]]
             batch = D.collate(llm, batch_records, structured=structured, with_target=True, fps=args.fps,
                               max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
@@ -132,7 +145,13 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(batch["attention_mask"].sum())
             seen += len(batch["records"])
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+        M.all_reduce_alarm_grads(llm)  # replicated alarm: average its gradients (FSDP did the rest)
+        if world > 1:  # the step's numbers over the global batch: mean of the ranks' losses, summed counts
+            keys = ["loss", "lm"] + (["atc_v", "atc_t"] if use_atc else [])  # the same on every rank
+            counts = [n_tokens, hits_v, hits_t, seen]
+            *values, n_tokens, hits_v, hits_t, seen = M.all_reduce_sum([sums.get(k, 0.0) for k in keys] + counts)
+            sums = {k: v / world for k, v in zip(keys, values)}
+        grad_norm = M.clip_grad_norm([p for g in groups for p in g["params"]], args.max_grad_norm)
         M.check_finite(sums["loss"], grad_norm, step + 1, resume_dir)  # stop before a NaN reaches the weights
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
         optimizer.step()
@@ -163,34 +182,45 @@ def _epoch_order(n: int, needed: int, seed: int) -> list[int]:
 @torch.no_grad()
 def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_generate: int = 0) -> dict:
     """ATC accuracy on held-out records (when the model has heads) and, for structured prompts, the format
-    rate of greedy answers on the first `n_generate` of them."""
+    rate of greedy answers on the first `n_generate` of them.
+
+    Under torchrun every rank takes every world-th batch with the whole model gathered (M.unsharded: greedy
+    answers end at different lengths on different ranks), and the counts are summed over ranks."""
+    rank, world = M.dist_rank(), M.dist_world()
     llm.model.eval()
     result, hits_v, hits_t = {"heldout_n": len(records)}, 0, 0
-    for i in range(0, len(records), args.batch_size):
-        chunk = records[i:i + args.batch_size]
-        batch = D.collate(llm, chunk, structured=structured, with_target=False, fps=args.fps, max_frames=args.max_frames)
-        out = llm.forward(batch, need_lm=False)
-        if out["logit_v"] is not None:
-            hits_v += int(((out["logit_v"] > 0).float() == batch["video_label"]).sum())
-            hits_t += int(((out["logit_t"] > 0).float() == batch["text_label"]).sum())
+    bs = args.batch_size
+    with M.unsharded(llm):
+        for i in range(rank * bs, len(records), bs * world):
+            chunk = records[i:i + bs]
+            batch = D.collate(llm, chunk, structured=structured, with_target=False, fps=args.fps, max_frames=args.max_frames)
+            out = llm.forward(batch, need_lm=False)
+            if out["logit_v"] is not None:
+                hits_v += int(((out["logit_v"] > 0).float() == batch["video_label"]).sum())
+                hits_t += int(((out["logit_t"] > 0).float() == batch["text_label"]).sum())
+        texts = []
+        if structured and n_generate:
+            for i in range(rank * bs, n_generate, bs * world):
+                batch = D.collate(llm, records[i:min(i + bs, n_generate)], structured=True, with_target=False,
+                                  fps=args.fps, max_frames=args.max_frames)
+                texts += M.generate(llm, batch, max_new_tokens=getattr(args, "max_new_tokens", 256))[1]
     if llm.alarm is not None:
+        hits_v, hits_t = M.all_reduce_sum([hits_v, hits_t])
         result.update(heldout_atc_v_acc=round(hits_v / len(records), 4), heldout_atc_t_acc=round(hits_t / len(records), 4))
     if structured and n_generate:
         from rewards import format_reward
 
-        texts = []
-        for i in range(0, n_generate, args.batch_size):
-            batch = D.collate(llm, records[i:min(i + args.batch_size, n_generate)], structured=True, with_target=False,
-                              fps=args.fps, max_frames=args.max_frames)
-            texts += M.generate(llm, batch, max_new_tokens=getattr(args, "max_new_tokens", 256))[1]
-        result["heldout_format_rate"] = round(sum(map(format_reward, texts)) / len(texts), 4)
-        result["heldout_example"] = texts[0][:300]
+        n_format, n_texts = M.all_reduce_sum([sum(map(format_reward, texts)), len(texts)])
+        result["heldout_format_rate"] = round(n_format / n_texts, 4)
+        result["heldout_example"] = texts[0][:300] if texts else ""  # rank 0 holds the first answer
     llm.model.train()
     return result
 
 
 def open_log(out_dir: str, append: bool = False):
-    """JSONL logger for OUT/metrics.jsonl (appended to when a run resumes)."""
+    """JSONL logger for OUT/metrics.jsonl (appended to when a run resumes). Only rank 0 writes."""
+    if M.dist_rank() != 0:
+        return lambda row: None
     os.makedirs(out_dir, exist_ok=True)
     f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w")
 
@@ -205,7 +235,10 @@ def open_log(out_dir: str, append: bool = False):
 
 
 def start(args, stage: str):
-    """Load the model (or, with --resume, the last snapshot), the records and the log for a stage."""
+    """Load the model (or, with --resume, the last snapshot), the records and the log for a stage.
+    Under torchrun: join the process group and shard the model over the ranks (M.shard_model)."""
+    rank, world, _, device = M.init_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)
     resume = None
     if args.resume:
         src = M.find_train_state(os.path.join(args.out, "resume"))
@@ -213,26 +246,32 @@ def start(args, stage: str):
             raise M.TrainingError(f"--resume: no snapshot in {os.path.join(args.out, 'resume')}; run without --resume")
         with open(os.path.join(src, M.META_FILE)) as f:
             resume = {"dir": src, **json.load(f)["resume_state"]}
-        print(f"{stage}: resuming from {src} (phase {resume['phase']}, step {resume['step']})")
-    llm = M.load_model(resume["dir"] if resume else args.model, device=args.device, dtype=torch.float32,
-                       with_alarm=True, trust_remote_code=args.trust_remote_code)
+        say(f"{stage}: resuming from {src} (phase {resume['phase']}, step {resume['step']})")
+    llm = M.load_model(resume["dir"] if resume else args.model, device="cpu" if world > 1 else device,
+                       dtype=torch.float32, with_alarm=True, trust_remote_code=args.trust_remote_code)
     if args.gradient_checkpointing:
         llm.model.gradient_checkpointing_enable()
+    if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device
+        M.shard_model(llm, device)
     skipped: dict = {}
     records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)
     log = open_log(args.out, append=resume is not None)
-    log({"config": vars(args)})
-    print(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}")
+    log({"config": vars(args), **({"world_size": world} if world > 1 else {})})
+    say(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}"
+        + (f"; {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     return llm, records, log, skipped, resume
 
 
 def finish(llm, args, log, skipped: dict, summary: dict) -> dict:
     """Log the summary (with any skipped records by name), save the final checkpoint to OUT."""
+    skipped = M.union_over_ranks(skipped)  # under torchrun each rank saw the bad records of its own batches
     if skipped:
         summary.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
     log({"summary": summary})
-    M.save_checkpoint(llm, args.out, meta={"args": vars(args), **summary})
-    print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, ensure_ascii=False))
+    M.save_checkpoint(llm, args.out, meta={"args": vars(args), **summary})  # under torchrun: rank 0 writes it
+    if M.dist_rank() == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, ensure_ascii=False))
+    M.close_distributed()
     return summary
 
 

@@ -15,6 +15,8 @@ Run:
     python cold_start.py --model runs/demo/at_sft                 # after at_sft.py, on the demo data
     python cold_start.py --model runs/vsr1/at_sft --data vst_cold_start.jsonl --out runs/vsr1/cold_start \
         --batch-size 4 --grad-accum 32 --gradient-checkpointing
+    torchrun --nproc_per_node 8 cold_start.py --model runs/vsr1/at_sft --data vst_cold_start.jsonl \
+        --out runs/vsr1/cold_start --batch-size 4 --grad-accum 4 --gradient-checkpointing   # 8 GPUs, FSDP2
 """
 
 from __future__ import annotations

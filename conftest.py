@@ -18,6 +18,11 @@ import model  # noqa: E402
 DEMO_SIZES = {"at_sft": 6, "cold_start": 6, "grpo": 6, "eval": 6}
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: launches torchrun with 2 processes (gloo, CPU); "
+                                       "deselect with -m 'not distributed'")
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     return data.write_demo(str(tmp_path_factory.mktemp("demo")), sizes=DEMO_SIZES)

@@ -27,11 +27,13 @@ The swap is a forward hook on the input-embedding module, so it works for
 training and for `generate` alike with no change to the model's own code.
 
 The rest of this file is plumbing: loading VideoLLaMA3 / Qwen2.5-VL / Qwen3-VL by
-name or path, the built-in tiny models, freezing, parameter groups, checkpoints.
+name or path, the built-in tiny models, freezing, parameter groups, checkpoints, and the few helpers
+that let the stages run under torchrun with FSDP2 (section "Several processes").
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -165,6 +167,12 @@ class VideoLLM:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    def backbone(self, inputs: dict) -> torch.Tensor:
+        """Last-layer hidden states (B, T, H) of the model without its LM head. With FSDP2 (shard_model) this runs
+        as a registered forward method of the sharded top module, so FSDP gathers that module's parameters first."""
+        run = getattr(self.model, BACKBONE, self.model.model)  # BACKBONE is set by shard_model only
+        return run(**inputs, use_cache=False).last_hidden_state
+
     def llm_parameters(self):
         """The language model (decoder + LM head): everything trainable outside the alarm."""
         return [p for n, p in self.model.named_parameters() if _is_llm(n)]
@@ -176,8 +184,7 @@ class VideoLLM:
         label positions (labels != -100), so no (B, T, vocab) tensor is made for the prompt.
         """
         inputs = {k: v for k, v in batch.items() if k in batch.get("model_keys", ())}
-        out = self.model.model(**inputs, use_cache=False)
-        hidden = out.last_hidden_state  # (B, T, H)
+        hidden = self.backbone(inputs)  # (B, T, H)
         result = {"hidden": hidden, "logit_v": None, "logit_t": None}
         if need_lm and "labels" in batch:
             labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted from position t
@@ -195,10 +202,13 @@ def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = 768, do_sample
              temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
     """Generate from a left-padded prompt batch (data.collate). Eval mode, KV cache on (generating in train
     mode with gradient checkpointing silently turns the cache off). Alarm tokens and image/video
-    placeholders are never generated.
+    placeholders are never generated. Each process generates on its own (no synced_gpus), so a model sharded
+    with FSDP2 must be inside `with unsharded(llm):`.
 
     Returns (completion ids (B, L), padded with pad_token_id after the end-of-turn token, decoded texts).
     """
+    if is_sharded(llm) and not _gathered(llm):
+        raise RuntimeError("generate on an FSDP2-sharded model: call it inside `with model.unsharded(llm):`")
     was_training = llm.model.training
     llm.model.eval()
     tok = llm.tokenizer
@@ -209,7 +219,7 @@ def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = 768, do_sample
     bad += [[i] for i in (getattr(llm.model.config, k, None) for k in ("image_token_id", "video_token_id")) if i is not None]
     inputs = {k: batch[k] for k in batch["model_keys"]}
     out = llm.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=llm.eot_id,
-                             pad_token_id=tok.pad_token_id, bad_words_ids=bad or None, **sample)
+                             pad_token_id=tok.pad_token_id, bad_words_ids=bad or None, synced_gpus=False, **sample)
     llm.model.train(was_training)
     completion = out[:, inputs["input_ids"].shape[1]:]  # (B, L)
     return completion, tok.batch_decode(completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
@@ -251,7 +261,7 @@ def completion_logprobs(llm: VideoLLM, batch: dict, completion: torch.Tensor, ma
             inputs[k] = torch.cat([v, v.new_zeros(v.shape[0], L)], dim=1)
     inputs["input_ids"] = torch.cat([ids, completion], dim=1)  # (B, P+L)
     inputs["attention_mask"] = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)  # (B, P+L)
-    hidden = llm.model.model(**inputs, use_cache=False).last_hidden_state  # (B, P+L, H)
+    hidden = llm.backbone(inputs)  # (B, P+L, H)
     hidden = hidden[:, P - 1:P + L - 1].flatten(0, 1)  # (B*L, H): position P-1+t predicts completion token t
     targets = completion.flatten()  # (B*L,)
     out = []
@@ -396,38 +406,52 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
     alarm tokens) plus alarm.safetensors (vectors + heads) and videosafety_meta.json (config, step).
 
     Atomic: files are written to a temporary folder first, then each is renamed into place, the
-    metadata last, so a crash mid-save never leaves a mix that looks complete."""
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".saving-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    llm.model.save_pretrained(tmp, safe_serialization=True)
-    llm.processor.save_pretrained(tmp)
-    if llm.alarm is not None:
-        llm.alarm.save(tmp)
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump(meta or {}, f, indent=2, default=str)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == META_FILE):  # metadata last
-        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-    os.rmdir(tmp)
+    metadata last, so a crash mid-save never leaves a mix that looks complete.
+
+    Sharded (FSDP2): every rank must call it; the full weights are gathered to rank 0's CPU and rank 0 writes
+    the same ordinary directory, loadable in one process without torchrun."""
+    state_dict = full_state_dict(llm) if is_sharded(llm) else None  # a collective: all ranks take part
+    if dist_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".saving-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        llm.processor.save_pretrained(tmp)
+        if llm.alarm is not None:
+            llm.alarm.save(tmp)
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta or {}, f, indent=2, default=str)
+        for name in sorted(os.listdir(tmp), key=lambda n: n == META_FILE):  # metadata last
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        os.rmdir(tmp)
+    barrier()  # no rank goes on (or reads the directory) before it is complete
 
 
 def save_train_state(directory: str, llm: VideoLLM, optimizer, scheduler, state: dict) -> None:
     """A resumable snapshot: the model checkpoint plus optimizer, scheduler, RNG and loop state.
-    Written to `directory`.tmp, then swapped in by renames; the previous snapshot survives until then."""
+    Written to `directory`.tmp, then swapped in by renames; the previous snapshot survives until then.
+
+    Sharded (FSDP2): every rank calls it; rank 0 writes the full (unsharded) optimizer state in the format of a
+    one-process `optimizer.state_dict()`, so the run resumes under any number of processes, one included.
+    The RNG states are rank 0's."""
     import random
 
     tmp, old = directory + ".tmp", directory + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if dist_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
     save_checkpoint(llm, tmp, meta={"resume_state": state})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state,
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(tmp, TRAIN_STATE))
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(directory):
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    optimizer_state = full_optimizer_state_dict(llm, optimizer) if is_sharded(llm) else optimizer.state_dict()
+    if dist_rank() == 0:
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "state": state,
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   os.path.join(tmp, TRAIN_STATE))
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
 
 
 def find_train_state(directory: str) -> str | None:
@@ -438,13 +462,18 @@ def find_train_state(directory: str) -> str | None:
     return None
 
 
-def load_train_state(directory: str, optimizer, scheduler) -> dict:
+def load_train_state(directory: str, optimizer, scheduler, llm: VideoLLM | None = None) -> dict:
     """Restore optimizer, scheduler and RNG states saved by save_train_state; return the loop state.
-    (The model itself is loaded from the same directory with load_model.)"""
+    (The model itself is loaded from the same directory with load_model.) Sharded: pass `llm`; each rank
+    takes its shard of the full optimizer state (memory-mapped, so the ranks share one copy in RAM)."""
     import random
 
-    ckpt = torch.load(os.path.join(directory, TRAIN_STATE), weights_only=True)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    sharded = llm is not None and is_sharded(llm)
+    ckpt = torch.load(os.path.join(directory, TRAIN_STATE), weights_only=True, **({"mmap": True} if sharded else {}))
+    if sharded:
+        load_full_optimizer_state_dict(llm, optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["torch_rng"])
     random.setstate(_as_tuple(ckpt["python_rng"]))
@@ -465,6 +494,230 @@ def check_finite(loss: float, grad_norm, step: int, resume_dir: str) -> None:
         raise TrainingError(f"step {step}: non-finite loss ({float(loss)}) or gradient norm ({float(grad_norm)}); "
                             f"weights were not updated. The last good snapshot is in {resume_dir} (if any was saved): "
                             "lower the learning rate or check the data, then rerun with --resume.")
+
+
+# -----------------------------------------------------------------------------
+# Several processes: torchrun + FSDP2. Without torchrun every function here is a no-op (or the one-process
+# call), so one process runs exactly as before. nanoGPT style: torchrun's RANK variable switches it on.
+#
+# Layout: each decoder layer is one FSDP2 unit and the top module the root (embeddings, vision encoder,
+# projector, final norm, LM head). A unit's parameters are all-gathered just before it runs and freed after,
+# its gradients reduce-scattered (averaged over ranks) in backward; each rank keeps 1/world of the weights,
+# gradients and AdamW states. FSDP2 shards per parameter, so frozen (vision) and trainable parameters share
+# the root. The vision encoder is not a unit of its own: HF's generate runs it outside the model's forward
+# (to encode the video once), and a unit run before the root would make FSDP2 fail.
+# The SafetyAlarm (2 vectors + 2 heads: a few thousand numbers) lives outside the HF model and is reached
+# through a hook and `classify`, not a module forward FSDP could wrap, so it stays whole on every rank and
+# its gradients are averaged with one all-reduce each (all_reduce_alarm_grads).
+
+BACKBONE = "vsr1_backbone"  # the method name shard_model registers with FSDP2 (see VideoLLM.backbone)
+
+
+def init_distributed(device: str | None = None) -> tuple[int, int, int, str | None]:
+    """Join the process group when launched by torchrun. Returns (rank, world, local_rank, device): this
+    process's device (cuda:LOCAL_RANK with nccl, or cpu with gloo); (0, 1, 0, `device`) without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0, device
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = device or default_device()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dist_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def dist_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist_world() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(values: list) -> list:
+    """Element-wise sum of a list of numbers over ranks (fp64); the list itself in one process."""
+    import torch.distributed as dist
+
+    if dist_world() == 1:
+        return values
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def union_over_ranks(d: dict) -> dict:
+    """The union of each rank's dict (all_gather_object); `d` itself in one process."""
+    import torch.distributed as dist
+
+    if dist_world() == 1:
+        return d
+    parts = [None] * dist_world()
+    dist.all_gather_object(parts, d)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def is_sharded(llm: VideoLLM) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(llm.model, FSDPModule)
+
+
+def shard_model(llm: VideoLLM, device: str) -> None:
+    """Shard `llm` with FSDP2's fully_shard over all ranks (see the layout above) and move it to `device`.
+    Call it once, after loading (on CPU) and before making the optimizer."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    inner = llm.model.model
+    for layer in inner.language_model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    # The root keeps its parameters gathered from forward to backward: VideoLLM.forward applies the LM head
+    # after the backbone, outside any module forward FSDP sees.
+    fully_shard(llm.model, mesh=mesh, reshard_after_forward=False)
+    # VideoLLM.backbone calls the model without its LM head (llm.model.model), which is not the root's forward:
+    # register that call as a forward method of the root so FSDP gathers the root's parameters for it.
+    setattr(llm.model, BACKBONE, inner.__call__)
+    register_fsdp_forward_method(llm.model, BACKBONE)
+    if llm.alarm is not None:
+        llm.alarm.to(device)
+
+
+def _fsdp_units(llm: VideoLLM) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in llm.model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def unsharded(llm: VideoLLM):
+    """Inside, every rank holds all the weights and no forward runs a collective, so ranks may generate
+    sequences of different lengths (a sharded forward per token would deadlock). Costs the full model's memory
+    on each device. A no-op in one process."""
+    if not is_sharded(llm):
+        yield
+        return
+    units = _fsdp_units(llm)
+    for unit in units:  # all-gathers, in the same order on every rank
+        unit.unshard()
+    llm.model.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for unit in units:  # frees the gathered copies; no communication
+            unit.reshard()
+            unit.set_reshard_after_forward(unit is not llm.model, recurse=False)  # as shard_model set them
+
+
+def _gathered(llm: VideoLLM) -> bool:
+    """Are the decoder layers' full weights in place (inside `unsharded`)? They are DTensor shards otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(next(llm.model.model.language_model.layers[0].parameters()), DTensor)
+
+
+def all_reduce_alarm_grads(llm: VideoLLM) -> None:
+    """Average the replicated SafetyAlarm's gradients over ranks, as FSDP does for the sharded weights."""
+    import torch.distributed as dist
+
+    if dist_world() == 1 or llm.alarm is None:
+        return
+    for p in llm.alarm.parameters():
+        if p.requires_grad:
+            if p.grad is None:  # this rank's micro-batches were all skipped: it contributes zeros
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= dist_world()
+
+
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_, also over a mix of FSDP2-sharded (DTensor) and replicated parameters,
+    which torch's own cannot stack: ‖g‖ = sqrt(‖g_sharded‖² + ‖g_replicated‖²), the sharded part's norm
+    taken over all ranks' shards. Returns the total norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not isinstance(p, DTensor)]
+    norm_sharded = torch.nn.utils.get_total_norm([p.grad for p in sharded if p.grad is not None]).full_tensor()
+    norm_plain = torch.nn.utils.get_total_norm([p.grad for p in plain if p.grad is not None]).to(norm_sharded.device)
+    total = torch.sqrt(norm_sharded ** 2 + norm_plain ** 2)
+    torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(plain, max_norm, total)
+    return total
+
+
+def full_state_dict(llm: VideoLLM) -> dict:
+    """The HF model's full weights as ordinary CPU tensors on rank 0 (an empty dict on the other ranks).
+    A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(llm.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _with_alarm(llm: VideoLLM) -> nn.Module:
+    """One module holding the HF model and the alarm, so every optimizer parameter has a name."""
+    return nn.ModuleDict({"model": llm.model, **({"alarm": llm.alarm} if llm.alarm is not None else {})})
+
+
+def full_optimizer_state_dict(llm: VideoLLM, optimizer) -> dict:
+    """The optimizer's full (unsharded) state on rank 0, keyed like a one-process `optimizer.state_dict()`
+    (parameters numbered in param_groups order); {} on the other ranks. A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(_with_alarm(llm), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist_rank() != 0:
+        return {}
+    index = {name: i for i, name in enumerate(_optimizer_names(llm, optimizer))}
+    return {"state": {index[name]: s for name, s in full["state"].items()},
+            "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]]}
+
+
+def load_full_optimizer_state_dict(llm: VideoLLM, optimizer, state: dict) -> None:
+    """Load a full optimizer state (full_optimizer_state_dict's or a one-process run's) into a sharded
+    optimizer: each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _optimizer_names(llm, optimizer)
+    full = {"state": {names[i]: s for i, s in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(_with_alarm(llm), optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _optimizer_names(llm: VideoLLM, optimizer) -> list[str]:
+    names = {id(p): n for n, p in _with_alarm(llm).named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 # -----------------------------------------------------------------------------
