@@ -1,0 +1,201 @@
+"""Tests for grpo.py and model.completion_logprobs.
+
+    python -m pytest -q test_grpo.py                 # all (the learning test takes about a minute on CPU)
+    python -m pytest -q test_grpo.py -k "not learns"  # the fast ones
+
+1. The log-probs the training forward computes equal those under which generate sampled the tokens
+   (generate's raw logits), for all three tiny families, with left-padded prompts and an early EOS; so the
+   first pass's ratio is exactly 1.
+2. Advantage, k3 KL, clipped loss (both averagings) and its gradient equal hand-computed values.
+3. The CLI runs, logs what the issue asks for, and writes a checkpoint load_model reads.
+4. On the demo data, after a quick cold start, the mean reward rises during a short GRPO run.
+"""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+import data as D
+import grpo
+import model as M
+import rewards as R
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A private copy of the demo data (cold-start and GRPO splits), so no other test can change it under us."""
+    out = str(tmp_path_factory.mktemp("demo"))
+    return D.write_demo(out, sizes={"at_sft": 0, "eval": 0})
+
+
+# -----------------------------------------------------------------------------
+# 1. log-probs: sampling time == training forward
+
+
+@pytest.mark.parametrize("name", M.TINY_MODELS)
+def test_logprobs_match_generation(name, demo):
+    torch.manual_seed(0)
+    llm = M.load_model(name, device="cpu", dtype="fp32")
+    records = D.load_records(os.path.join(demo, "grpo.jsonl"))
+    records = sorted(records[:12], key=lambda r: len(r.query))[::4]  # different lengths: real left padding
+    batch = D.collate(llm, records, structured=True, with_target=False)
+    assert (batch["attention_mask"] == 0).any(), "the test needs a left-padded row"
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    llm.model.eval()
+    out = llm.model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             use_cache=True, eos_token_id=llm.eot_id, pad_token_id=llm.tokenizer.pad_token_id,
+                             output_logits=True, return_dict_in_generate=True)
+    completion = out.sequences[:, batch["input_ids"].shape[1]:].clone()  # (B, L)
+    # Row 0 "ends" at token 5: an EOS there, padding after. The logits at steps <= 5 depend only on earlier
+    # tokens, so generate's logits still give the reference log-prob of every kept token, the EOS included.
+    completion[0, 5], completion[0, 6:] = llm.eot_id, llm.tokenizer.pad_token_id
+    mask = M.completion_mask(completion, llm.eot_id)
+    assert mask[0].tolist() == [True] * 6 + [False] * 6 and mask[1:].all()
+    sampled = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, L, V): raw logits, no warpers
+    expected = sampled.gather(2, completion[..., None]).squeeze(-1) * mask  # (B, L)
+
+    llm.model.train()  # as in the update
+    with torch.no_grad():
+        old = M.completion_logprobs(llm, batch, completion, mask, chunk=5)  # as recorded in the rollout
+        other_chunks = M.completion_logprobs(llm, batch, completion, mask, chunk=1024)
+    new = M.completion_logprobs(llm, batch, completion, mask, chunk=5)  # the training forward, with grad
+    assert new.requires_grad and old.shape == completion.shape
+    torch.testing.assert_close(old, expected, atol=1e-4, rtol=0)  # fp32: generation and training agree
+    torch.testing.assert_close(other_chunks, old, atol=1e-6, rtol=0)  # chunking changes only rounding
+    assert torch.equal(torch.exp(new.detach() - old)[mask], torch.ones(int(mask.sum())))  # ρ = 1 exactly
+    assert (old[~mask] == 0).all()
+    new.sum().backward()  # gradients reach the LLM through the chunked, checkpointed LM head
+    assert llm.model.lm_head.weight.grad is not None and llm.model.lm_head.weight.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# 2. the math, against hand-computed numbers
+
+
+def test_group_advantages():
+    A = grpo.group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    std = math.sqrt((1.5 ** 2 + 0.5 ** 2 + 0.5 ** 2 + 1.5 ** 2) / 3)  # unbiased: n − 1 = 3
+    torch.testing.assert_close(A, torch.tensor([-1.5, -0.5, 0.5, 1.5]) / (std + 1e-4))
+    same = grpo.group_advantages(torch.tensor([0.7, 0.7, 0.7]))
+    assert torch.equal(same, torch.zeros(3))  # no signal, exactly zero
+
+
+def test_k3_kl():
+    logp, ref = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.5]))
+    # x = ref − logp = log(1/2): e^x − x − 1 = 0.5 + log 2 − 1; identical distributions: 0
+    torch.testing.assert_close(grpo.k3_kl(logp, ref), torch.tensor([0.5 + math.log(2) - 1, 0.0]))
+
+
+def _loss_inputs():
+    ratio = torch.tensor([[1.0, 1.5, 0.5], [0.7, 1.1, 1.3]])
+    logp = torch.log(torch.tensor([[0.3, 0.2, 0.1], [0.4, 0.5, 0.6]])).requires_grad_(True)
+    old = logp.detach() - torch.log(ratio)  # so that exp(logp − old) = ratio
+    ref = logp.detach() + math.log(2)  # π_ref = 2·π_θ everywhere: k3 = 2 − log 2 − 1
+    A = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    return logp, old, ref, A, mask
+
+
+def test_grpo_loss_hand_computed():
+    c = 0.04 * (2 - math.log(2) - 1)  # β·KL, the same at every token
+    # surrogate min(ρA, clip(ρ, 0.8, 1.2)·A): row 0 (A = +1): 1, min(1.5, 1.2) = 1.2, [masked];
+    # row 1 (A = −1): min(−0.7, −0.8) = −0.8, −1.1, min(−1.3, −1.2) = −1.3
+    seq = ((-(1 + 1.2) / 2 + c) + ((0.8 + 1.1 + 1.3) / 3 + c)) / 2  # mean over tokens, then over completions
+    tok = (-(1 + 1.2) + (0.8 + 1.1 + 1.3)) / 5 + c  # mean over all 5 tokens
+    for avg, want in (("sequence", seq), ("token", tok)):
+        logp, old, ref, A, mask = _loss_inputs()
+        loss, stats = grpo.grpo_loss(logp, old, ref, A, mask, epsilon=0.2, beta=0.04, loss_avg=avg)
+        assert abs(loss.item() - want) < 1e-6, (avg, loss.item(), want)
+        assert int(stats["clipped"]) == 2  # row 0 token 1 (ρ > 1.2, A > 0), row 1 token 0 (ρ < 0.8, A < 0)
+        torch.testing.assert_close(stats["kl"], torch.full((2,), c / 0.04))
+    # gradient, sequence averaging: d/dlogp of −ρA + β·k3 is −ρA − β·(π_ref/π_θ − 1) = −ρA − 0.04 where the
+    # surrogate is not clipped, and −0.04 where it is; each divided by |o_i| and by the 2 completions.
+    logp, old, ref, A, mask = _loss_inputs()
+    grpo.grpo_loss(logp, old, ref, A, mask, epsilon=0.2, beta=0.04)[0].backward()
+    want = torch.tensor([[(-1.0 - 0.04) / 4, -0.04 / 4, 0.0],
+                         [-0.04 / 6, (1.1 - 0.04) / 6, (1.3 - 0.04) / 6]])
+    torch.testing.assert_close(logp.grad, want)
+
+
+def test_grpo_loss_accumulates_to_the_batch_loss():
+    """The update sums the loss over groups with the step's n_seqs / n_tokens: that must be the batch's loss."""
+    torch.manual_seed(0)
+    logp, old, ref = torch.randn(3, 6, 5).unbind(0)  # three (6, 5) tensors
+    A, mask = torch.randn(6), torch.rand(6, 5) > 0.3
+    mask[:, 0] = True
+    for avg in ("sequence", "token"):
+        whole = grpo.grpo_loss(logp, old, ref, A, mask, loss_avg=avg)[0]
+        parts = sum(grpo.grpo_loss(logp[s], old[s], ref[s], A[s], mask[s], loss_avg=avg, n_seqs=6,
+                                   n_tokens=int(mask.sum()))[0] for s in (slice(0, 2), slice(2, 6)))
+        torch.testing.assert_close(parts, whole)
+
+
+def test_group_size_must_be_at_least_two():
+    with pytest.raises(SystemExit):
+        grpo.parse_args(["--group-size", "1", "--data", "x.jsonl"])
+
+
+# -----------------------------------------------------------------------------
+# 3. the command line
+
+
+def test_cli_runs_logs_and_saves(demo, tmp_path):
+    out = str(tmp_path / "grpo")
+    grpo.main(["--model", "tiny-qwen2.5-vl", "--data", os.path.join(demo, "grpo.jsonl"), "--out", out,
+               "--group-size", "2", "--batch-size", "2", "--max-completion-length", "8", "--max-steps", "2",
+               "--passes", "2", "--lr", "1e-3", "--device", "cpu"])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in rows if "step" in r]
+    assert "config" in rows[0] and len(steps) == 2 and "summary" in rows[-1]
+    for key in ("reward", "format_rate", "rouge", "video_acc", "text_acc", "alpha", "kl", "clip_frac",
+                "completion_len", "zero_var_groups", "s_rollout", "s_update", "loss", "grad_norm", "lr"):
+        assert key in steps[0] and math.isfinite(steps[0][key]), key
+    assert 0.1 <= steps[0]["alpha"] <= 0.5 and steps[0]["completion_len"] <= 8
+    llm = M.load_model(out, device="cpu", dtype="fp32")  # what eval.py does
+    assert llm.meta["stage"] == "grpo" and llm.alarm is not None
+
+
+# -----------------------------------------------------------------------------
+# 4. it learns
+
+
+def _quick_cold_start(demo: str, out: str, lr: float = 3e-3, target_format_rate: float = 0.3) -> tuple[str, float]:
+    """A few lines of supervised cold start, stopped once sampled completions (temperature 1, as in GRPO) have
+    the structured format about `target_format_rate` of the time: GRPO then has room to improve and variance to
+    learn from. Stopping on the measured rate, not after a fixed number of steps, keeps the test meaningful
+    when the prompts or the demo data change."""
+    M.seed_everything(0)
+    llm = M.load_model("tiny-videollama3", device="cpu", dtype="fp32")
+    M.set_trainable(llm, train_llm=True, train_alarm=False, train_heads=False)
+    optimizer = torch.optim.AdamW([p for p in llm.llm_parameters() if p.requires_grad], lr=lr)
+    records, rng = D.load_records(os.path.join(demo, "cold_start.jsonl")), random.Random(0)
+    probe = D.collate(llm, D.load_records(os.path.join(demo, "grpo.jsonl"))[:8] * 4, structured=True, with_target=False)
+    llm.model.train()
+    for step in range(1, 301):
+        llm.forward(D.collate(llm, rng.sample(records, 8), structured=True, with_target=True))["lm_loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step >= 40 and step % 5 == 0:
+            texts = M.generate(llm, probe, max_new_tokens=96, do_sample=True, temperature=1.0, top_p=0.95)[1]
+            rate = sum(map(R.format_reward, texts)) / len(texts)
+            if rate >= target_format_rate:
+                break
+    M.save_checkpoint(llm, out, meta={"stage": "cold_start", "step": step})
+    return out, rate
+
+
+def test_grpo_learns_on_demo(demo, tmp_path):
+    start, rate = _quick_cold_start(demo, str(tmp_path / "cold_start"))
+    assert rate >= 0.3, "the quick cold start did not learn the format in 300 steps"
+    out = str(tmp_path / "grpo")
+    grpo.main(["--model", start, "--data", os.path.join(demo, "grpo.jsonl"), "--out", out, "--seed", "0",
+               "--group-size", "4", "--batch-size", "8", "--max-completion-length", "96", "--lr", "2e-4",
+               "--passes", "2", "--epochs", "3", "--max-steps", "30", "--device", "cpu"])
+    steps = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "step" in r]
+    first = sum(r["reward"] for r in steps[:8]) / 8
+    last = sum(r["reward"] for r in steps[-8:]) / 8
+    assert last > first + 0.25, f"mean reward, first 8 steps {first:.3f}, last 8 steps {last:.3f}"
