@@ -11,8 +11,8 @@
 #    COLD_START_DATA, GRPO_DATA, EVAL_DATA one by one.) With a real model the paper's hyperparameters
 #   are used; the demo's small budgets and large learning rates apply only to the built-in tiny models.
 # Extra flags per stage: AT_SFT_ARGS, COLD_START_ARGS, GRPO_ARGS, EVAL_ARGS.
-# Output: runs/$RUN_NAME/{at_sft,cold_start,grpo} checkpoints, runs/$RUN_NAME/eval/<stage>/,
-#         runs/$RUN_NAME/report.md and runs/$RUN_NAME/summary.json.
+# Output (RUNS_DIR defaults to runs): $RUNS_DIR/$RUN_NAME/{at_sft,cold_start,grpo} checkpoints,
+#         $RUNS_DIR/$RUN_NAME/eval/<stage>/, $RUNS_DIR/$RUN_NAME/report.md and summary.json.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,7 +23,8 @@ AT_SFT_DATA=${AT_SFT_DATA:-$DATA_ROOT/at_sft.jsonl}
 COLD_START_DATA=${COLD_START_DATA:-$DATA_ROOT/cold_start.jsonl}
 GRPO_DATA=${GRPO_DATA:-$DATA_ROOT/grpo.jsonl}
 EVAL_DATA=${EVAL_DATA:-$DATA_ROOT/eval.jsonl}
-OUT=runs/$RUN_NAME
+RUNS_DIR=${RUNS_DIR:-runs}
+OUT=$RUNS_DIR/$RUN_NAME
 PY=${PYTHON:-python}
 
 # Budgets. The tiny demo model starts from random weights, so it needs large learning rates and several
@@ -31,7 +32,7 @@ PY=${PYTHON:-python}
 case "$BASE_MODEL" in
   tiny-*)
     AT_SFT_BUDGET="--batch-size 8 --grad-accum 1 --epochs 10 --lr-llm 3e-3 --lr-alarm 3e-2 --lr-heads 3e-2"
-    COLD_START_BUDGET="--batch-size 8 --grad-accum 1 --epochs 4 --lr-llm 3e-3"
+    COLD_START_BUDGET="--batch-size 8 --grad-accum 1 --epochs 8 --lr-llm 3e-3"
     GRPO_BUDGET="--batch-size 4 --group-size 4 --max-completion-length 128 --lr 1e-4"
     EVAL_BUDGET="--batch-size 20 --max-new-tokens 128" ;;
   *)
