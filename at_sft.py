@@ -270,7 +270,7 @@ def finish(llm, args, log, skipped: dict, summary: dict) -> dict:
     log({"summary": summary})
     M.save_checkpoint(llm, args.out, meta={"args": vars(args), **summary})  # under torchrun: rank 0 writes it
     if M.dist_rank() == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}, ensure_ascii=False))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "note")}, ensure_ascii=False))
     M.close_distributed()
     return summary
 

@@ -19,11 +19,19 @@ for k optimizer steps; then ρ moves away from 1 and the clip matters.
 Run (one process; CPU or one GPU; the defaults are the paper's values):
     python grpo.py --model runs/vsr1/cold_start --data vst_grpo.jsonl --out runs/vsr1/grpo --gradient-checkpointing
     python grpo.py --model runs/demo/cold_start --group-size 4 --max-completion-length 96 \
-        --lr 2e-4 --passes 2 --epochs 3 --max-steps 30            # the demo on CPU (tiny model; a few minutes)
+        --lr 2e-4 --passes 2 --epochs 5 --max-steps 60            # the demo on CPU (tiny model; ~2 minutes)
+
+Run (8 GPUs, one node; policy and reference sharded with FSDP2; the same 8 prompts per step as one process):
+    torchrun --nproc_per_node 8 grpo.py --model runs/vsr1/cold_start --data vst_grpo.jsonl --out runs/vsr1/grpo \
+        --gradient-checkpointing
+Under torchrun prompt k of a step goes to rank k % N with its whole group (--batch-size counts the prompts of all
+processes and must be a multiple of N); each prompt's sampling is seeded by its position in the run, so the
+completions, and hence the steps, are those of one process (up to rounding). Each rank samples with the whole
+policy gathered (model.unsharded); the loss is normalised by the whole step's completions or tokens.
 
 Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1 prompt), and why:
-- One process. --batch-size prompts per step (default 8 = their 8 GPUs × 1 prompt) are rolled out one group
-  at a time and their losses accumulated before one optimizer step: the same objective, memory for G sequences.
+- --batch-size prompts per step (default 8 = their 8 GPUs × 1 prompt) are rolled out one group at a time (per
+  process) and their losses accumulated before one optimizer step: the same objective, memory for G sequences.
 - Weights stay fp32 with bf16 autocast on GPU (theirs: bf16 under DeepSpeed, which keeps fp32 master weights).
 - The old-policy log-probs are recomputed by the training forward (no sampling warpers) and only when
   --passes > 1; with one pass π_old = π_θ.detach(), as in their code and TRL (the tests check both agree).
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -50,7 +59,7 @@ from tqdm import tqdm
 import data as D
 import model as M
 import rewards as R
-from at_sft import _epoch_order, open_log
+from at_sft import _epoch_order, finish, open_log
 
 ONE_PASS_NOTE = ("note: --passes 1, so the ratio is exactly 1 at the update and the loss is ≈ β·KL, near zero by "
                  "design (the gradient is still the policy gradient); watch the reward, not the loss")
@@ -63,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo/grpo", help="output checkpoint directory (+ metrics.jsonl)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts (paper: 1)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many rollout steps (0 = no cap)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per step (authors: 8 GPUs x 1 prompt)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per step, all processes together (authors: 8 GPUs x 1 prompt)")
     p.add_argument("--group-size", type=int, default=6, help="G, completions sampled per prompt (paper: 6; at least 2)")
     p.add_argument("--max-completion-length", type=int, default=768, help="max new tokens per completion (paper: 768)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
@@ -84,8 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-frames", type=int, default=90, help="at most this many frames per video (paper: 90)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the update to save memory (generation keeps its KV cache)")
     p.add_argument("--seed", type=int, default=42, help="random seed (prompt order, sampling)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
+    p.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps (0 = only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/resume: weights, optimizer, scheduler, RNG, step "
+                                                         "(π_ref is reloaded from the --model the run started from)")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="leave out (and name in the log) records with bad fields or undecodable videos instead of stopping")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
     args = p.parse_args(argv)
     if args.group_size < 2:
         p.error("--group-size must be at least 2: the advantage normalises by the group's std")
@@ -150,10 +165,14 @@ class Group:
 
 
 @torch.no_grad()
-def rollout(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args) -> Group:
-    """Sample G completions for one prompt (eval mode, KV cache on), score them, normalise the rewards."""
+def rollout(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args, skipped: dict) -> Group:
+    """Sample G completions for one prompt (eval mode, KV cache on), score them, normalise the rewards.
+    A record whose video cannot be decoded (with --skip-bad-records) gives an empty group (`empty_group`)."""
     G = args.group_size
-    batch = D.collate(policy, [record] * G, structured=True, with_target=False, fps=args.fps, max_frames=args.max_frames)
+    batch = D.collate(policy, [record] * G, structured=True, with_target=False, fps=args.fps,
+                      max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
+    if batch is None:  # named in `skipped` and the log; never replaced by another prompt
+        return empty_group(policy, ref, record, args)
     with M.autocast(policy.device):
         completion, texts = M.generate(policy, batch, max_new_tokens=args.max_completion_length, do_sample=True,
                                        temperature=args.temperature, top_p=args.top_p)  # (G, L)
@@ -167,39 +186,70 @@ def rollout(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args) 
     return Group(batch, completion, mask, old_logp, ref_logp, rewards, group_advantages(rewards), parts, texts)
 
 
-def update(policy: M.VideoLLM, groups: list[Group], optimizer, scheduler, params: list, args) -> dict:
-    """args.passes optimizer steps on one rollout batch; each step's loss is accumulated over all groups."""
-    n_seqs = sum(len(g.mask) for g in groups)
-    n_tokens = int(sum(g.mask.sum() for g in groups))
+def empty_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args) -> Group:
+    """What a skipped prompt leaves: no completions, no rewards, weight 0 (it adds exactly 0 to the loss and the
+    gradient, and nothing to the counts or metrics). It exists for torchrun, where every forward of a sharded model
+    is a collective, so every rank must run as many of them (π_ref's here, the policy's in `update`): its forwards
+    read the record's query alone (no video) and one masked-out token."""
+    batch = D.collate(policy, [record], structured=True, with_target=False, no_video=True)
+    completion = torch.full((1, 1), policy.eot_id, device=policy.device)  # (1, 1)
+    mask = torch.zeros_like(completion, dtype=torch.bool)  # (1, 1): nothing counts
+    with M.autocast(policy.device):
+        ref_logp = M.completion_logprobs(ref, batch, completion, mask) if ref is not None else None
+    old_logp = torch.zeros(1, 1, device=policy.device) if args.passes > 1 else None
+    none = torch.zeros(0, device=policy.device)  # (0,)
+    return Group(batch, completion, mask, old_logp, ref_logp, none, torch.zeros(1, device=policy.device),
+                 {part: [] for part in R.PARTS}, [])
+
+
+def update(policy: M.VideoLLM, groups: list[Group], optimizer, scheduler, params: list, args, step: int) -> dict:
+    """args.passes optimizer steps on one rollout batch; each step's loss is accumulated over all groups.
+
+    Under torchrun each rank holds its own groups: the loss is normalised by the whole step's completions / tokens
+    (summed over ranks) and multiplied by the world size, since FSDP averages the ranks' gradients; so the step is
+    the one-process step. A non-finite loss or gradient stops the run before the optimizer step."""
+    world = M.dist_world()
+    counts = M.all_reduce_sum([sum(len(g.rewards) for g in groups), sum(int(g.mask.sum()) for g in groups)])
+    n_seqs, n_tokens = (max(int(n), 1) for n in counts)  # the whole step's completions and tokens, all ranks
     sums = defaultdict(float)
     for _ in range(args.passes):
+        loss_sum = kl_sum = n_clipped = 0.0
         for g in groups:
             with M.autocast(policy.device):
                 logp = M.completion_logprobs(policy, g.batch, g.completion, g.mask)  # (G, L), with grad
             old_logp = logp.detach() if g.old_logp is None else g.old_logp  # (G, L)
             loss, stats = grpo_loss(logp, old_logp, g.ref_logp, g.advantages, g.mask, epsilon=args.epsilon,
                                     beta=args.beta, loss_avg=args.loss_avg, n_seqs=n_seqs, n_tokens=n_tokens)
-            loss.backward()
-            sums["loss"] += loss.item() / args.passes
-            sums["kl"] += float(stats["kl"].sum()) / (n_seqs * args.passes)
-            sums["clip_frac"] += float(stats["clipped"]) / (n_tokens * args.passes)
-        sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)) / args.passes
+            (loss * world).backward()  # FSDP averages the ranks' gradients: × world makes them their sum
+            loss_sum += loss.item()
+            kl_sum += float(stats["kl"].sum())  # Σ over completions of each one's mean KL
+            n_clipped += float(stats["clipped"])
+        loss_sum, kl_sum, n_clipped = M.all_reduce_sum([loss_sum, kl_sum, n_clipped])  # the step's, all ranks
+        grad_norm = float(M.clip_grad_norm(params, args.max_grad_norm))
+        M.check_finite(loss_sum, grad_norm, step, os.path.join(args.out, "resume"))  # before NaN reaches the weights
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        sums["loss"] += loss_sum / args.passes
+        sums["kl"] += kl_sum / (n_seqs * args.passes)
+        sums["clip_frac"] += n_clipped / (n_tokens * args.passes)
+        sums["grad_norm"] += grad_norm / args.passes
     return dict(sums)
 
 
 def rollout_metrics(groups: list[Group]) -> dict:
-    """Means over the step's completions: total reward, each component, format rate, label accuracies, length."""
-    mean = lambda xs: sum(xs) / len(xs)
-    out = {"reward": mean([float(r) for g in groups for r in g.rewards]),
-           "reward_std": mean([float(g.rewards.std()) for g in groups]),  # within-group spread: the signal
-           "zero_var_groups": mean([float(bool((g.advantages == 0).all())) for g in groups])}
+    """Means over the step's completions (over its groups for reward_std and zero_var_groups), all ranks together:
+    total reward, each component, format rate, label accuracies, length. Empty groups count nowhere."""
+    groups = [g for g in groups if len(g.rewards)]
+    each = lambda values_of: [v for g in groups for v in values_of(g)]  # one value per completion
+    lists = {"reward": each(lambda g: g.rewards.tolist()),
+             "reward_std": [float(g.rewards.std()) for g in groups],  # within-group spread: the signal
+             "zero_var_groups": [float(bool((g.advantages == 0).all())) for g in groups]}
     for part, name in (("format", "format_rate"), ("rouge", "rouge"), ("video", "video_acc"), ("text", "text_acc"), ("alpha", "alpha")):
-        out[name] = mean([v for g in groups for v in g.parts[part]])
-    out["completion_len"] = mean([float(n) for g in groups for n in g.mask.sum(dim=1)])
-    return out
+        lists[name] = each(lambda g: g.parts[part])
+    lists["completion_len"] = each(lambda g: g.mask.sum(dim=1).tolist())
+    totals = M.all_reduce_sum([sum(v) for v in lists.values()] + [len(v) for v in lists.values()])
+    return {name: total / max(n, 1) for name, total, n in zip(lists, totals, totals[len(lists):])}
 
 
 # -----------------------------------------------------------------------------
@@ -207,16 +257,39 @@ def rollout_metrics(groups: list[Group]) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    rank, world, _, device = M.init_distributed(args.device)  # (0, 1, 0, --device) without torchrun
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} (prompts per step, all processes) must be a multiple of "
+                         f"the {world} processes: each prompt's group stays on one process")
     M.seed_everything(args.seed)
-    load = dict(device=args.device, dtype=torch.float32, with_alarm=True, trust_remote_code=args.trust_remote_code)
-    policy = M.load_model(args.model, **load)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    skipped: dict = {}
+    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)  # bad data fails fast
+    resume_dir, resume = os.path.join(args.out, "resume"), None
+    if args.resume:
+        src = M.find_train_state(resume_dir)
+        if src is None:
+            raise M.TrainingError(f"--resume: no snapshot in {resume_dir}; run without --resume")
+        with open(os.path.join(src, M.META_FILE)) as f:
+            resume = {"dir": src, **json.load(f)["resume_state"]}
+        skipped.update(resume["skipped"])  # those seen before the snapshot
+        say(f"GRPO: resuming from {src} (step {resume['step']}); π_ref from {resume['model']}")
+    start_model = resume["model"] if resume else args.model  # π_ref: the run's start point, also after --resume
+
+    load = dict(device="cpu" if world > 1 else device, dtype=torch.float32, with_alarm=True,
+                trust_remote_code=args.trust_remote_code)  # under torchrun: whole on CPU, then each rank its shard
+    policy = M.load_model(resume["dir"] if resume else args.model, **load)
     ref = None
     if args.beta > 0:  # π_ref: a frozen copy of the start point
-        ref = M.load_model(args.model, **load)
+        ref = M.load_model(start_model, **load)
         ref.model.eval().requires_grad_(False)
         if ref.alarm is not None:
             ref.alarm.requires_grad_(False)
     M.set_trainable(policy, train_llm=True, train_alarm=False, train_heads=False)  # LLM only
+    if world > 1:  # both sharded the same way: every rank runs π_ref's forward for as many groups
+        M.shard_model(policy, device)
+        if ref is not None:
+            M.shard_model(ref, device)
     if args.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
     policy.model.train()
@@ -224,39 +297,46 @@ def main(argv=None) -> dict:
     params = [p for g in param_groups for p in g["params"]]
     optimizer = torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8)
 
-    records = D.load_records(args.data)
     steps = math.ceil(len(records) * args.epochs / args.batch_size)
     steps = min(steps, args.max_steps) if args.max_steps else steps
     scheduler = M.cosine_schedule(optimizer, steps * args.passes, args.warmup_ratio)
-    order = _epoch_order(len(records), steps * args.batch_size, args.seed)
-    log = open_log(args.out)
-    log({"config": vars(args)})
-    print(f"GRPO: {len(records)} prompts from {args.data}; {steps} steps x {args.batch_size} prompts x "
-          f"G={args.group_size}; model {args.model}; out {args.out}")
+    order = _epoch_order(len(records), steps * args.batch_size, args.seed)  # the data position is the step
+    start = M.load_train_state(resume["dir"], optimizer, scheduler, policy)["step"] if resume else 0
+    log = open_log(args.out, append=resume is not None)
+    log({"config": vars(args), **({"world_size": world} if world > 1 else {})})
+    say(f"GRPO: {len(records)} prompts from {args.data}; {steps} steps x {args.batch_size} prompts x "
+        f"G={args.group_size}; model {args.model}; out {args.out}" + (f"; {world} processes" if world > 1 else ""))
     if args.passes == 1:
-        print(ONE_PASS_NOTE)
+        say(ONE_PASS_NOTE)
 
-    bar = tqdm(range(steps), desc="grpo", dynamic_ncols=True)
+    bar = tqdm(range(start, steps), desc="grpo", dynamic_ncols=True, initial=start, total=steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        groups = [rollout(policy, ref, records[i], args) for i in order[step * args.batch_size:(step + 1) * args.batch_size]]
+        prompts = order[step * args.batch_size:(step + 1) * args.batch_size]
+        groups = []
+        with M.unsharded(policy):  # the whole policy on every rank: their completions end at different lengths
+            for k in range(rank, args.batch_size, world):  # prompt k of the step: on rank k % world, whole group
+                # seeded per prompt: the same samples under any world size, and after --resume
+                torch.manual_seed(args.seed * 1_000_003 + step * args.batch_size + k)
+                groups.append(rollout(policy, ref, records[prompts[k]], args, skipped))
         t1, lr = time.time(), optimizer.param_groups[0]["lr"]  # the lr this step's first update uses
-        stats = update(policy, groups, optimizer, scheduler, params, args)
+        stats = update(policy, groups, optimizer, scheduler, params, args, step + 1)
         t2 = time.time()
+        sample = next((t for g in groups for t in g.texts), "")  # rank 0's first completion
         row = {"step": step + 1, "of": steps, **rollout_metrics(groups), **stats, "lr": lr,
-               "s_rollout": t1 - t0, "s_update": t2 - t1, "sample": groups[0].texts[0][:200]}
+               "s_rollout": t1 - t0, "s_update": t2 - t1, "sample": sample[:200]}
         row = {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in row.items()}  # 5 significant digits
         log(row)
+        if step + 1 == steps or (args.save_every and (step + 1) % args.save_every == 0):
+            state = {"step": step + 1, "model": start_model, "skipped": M.union_over_ranks(skipped)}
+            M.save_train_state(resume_dir, policy, optimizer, scheduler, state)
         bar.set_postfix(reward=f"{row['reward']:.3f}", fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.4f}",
                         zero_var=f"{row['zero_var_groups']:.2f}", len=f"{row['completion_len']:.0f}",
                         t=f"{row['s_rollout']:.1f}+{row['s_update']:.1f}s")
 
     summary = {"stage": "grpo", "steps": steps, "note": ONE_PASS_NOTE if args.passes == 1 else ""}
-    log({"summary": summary})
-    M.save_checkpoint(policy, args.out, meta={"stage": "grpo", "args": vars(args), "step": steps})
-    print(json.dumps({k: v for k, v in summary.items() if k != "note"}))
-    return summary
+    return finish(policy, args, log, skipped, summary)  # logs it (skipped records by name), saves OUT
 
 
 if __name__ == "__main__":
-    main()
+    D.run_cli(main)

@@ -3,7 +3,8 @@
 Each stage run by `torchrun --nproc_per_node 2` with --grad-accum A must give what one process gives with
 --grad-accum 2A (the same global batch, the same records in the same micro-batches): the same logged losses
 step by step, the same final weights, a checkpoint that loads in one process without torchrun, and snapshots
-that resume under the other world size. Skip with `-m "not distributed"`.
+that resume under the other world size. GRPO on 2 processes (2 of a step's 4 prompts each, whole groups) must
+give what one process gives with the same 4 prompts per step. Skip with `-m "not distributed"`.
 """
 
 import json
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import model as M
+import rewards
 
 pytestmark = pytest.mark.distributed
 
@@ -36,8 +38,9 @@ def _cmd(script: str, nproc: int) -> list[str]:
             "127.0.0.1", "--master_port", str(port), os.path.join(HERE, script)]
 
 
-def _run(script: str, *args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(_cmd(script, nproc) + list(args), capture_output=True, text=True, timeout=timeout, cwd=HERE)
+def _run(script: str, *args, nproc: int = 1, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run(_cmd(script, nproc) + list(args), capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                       env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -59,14 +62,14 @@ def _killed_after_first_snapshot(script: str, *args, out: str, nproc: int) -> No
 def _steps(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [r for r in rows if "step" in r and "phase" in r]
+    return [r for r in rows if "step" in r and "of" in r]
 
 
 def _assert_same_steps(one: list[dict], many: list[dict]) -> None:
     assert [r["step"] for r in one] == [r["step"] for r in many]  # rank 0 alone logs: no duplicated rows
     for a, b in zip(one, many):
         for k, v in a.items():
-            if isinstance(v, float) and k != "tok_per_s":
+            if isinstance(v, float) and k not in ("tok_per_s", "s_rollout", "s_update"):  # not timings
                 assert b[k] == pytest.approx(v, rel=RTOL, abs=ATOL), (a["step"], k, v, b[k])
 
 
@@ -150,3 +153,57 @@ def test_cold_start_two_processes_equal_one(demo_dir, tmp_path):
     assert frozen and all(torch.equal(w1[k], w2[k]) for k in frozen)
     summaries = [[json.loads(x) for x in open(os.path.join(o, "metrics.jsonl"))][-1]["summary"] for o in (one, two)]
     assert summaries[0] == summaries[1]  # held-out greedy answers: the same format rate and first answer
+
+
+def rouge_anywhere(texts, references, video_labels, text_labels, **weights):
+    """A GRPO stand-in reward with spread: ROUGE of the whole completion against the reference. The real reward
+    gives the untrained tiny model's random completions 0 everywhere (no tags): no advantages, and nothing for the
+    equivalence to check. The reward is a pure function of the text, so swapping it changes no line of grpo.py."""
+    r = [rewards.rouge_reward(t, ref) for t, ref in zip(texts, references)]
+    zeros = [0.0] * len(r)
+    return r, {"format": zeros, "rouge": r, "video": zeros, "text": zeros, "alpha": [1.0] * len(r)}
+
+
+STAND_IN = f"""import sys
+sys.path.insert(0, {HERE!r})
+import data, grpo, rewards, test_distributed
+rewards.safety_rewards = test_distributed.rouge_anywhere
+data.run_cli(grpo.main)
+"""
+
+
+def test_grpo_two_processes_equal_one(demo_dir, tmp_path):
+    """GRPO, 4 prompts per step: one process takes them all; 2 processes take prompts 0, 2 (rank 0) and 1, 3
+    (rank 1), each with its whole group. The data holds an undecodable video (--skip-bad-records): the rank that
+    draws it (rank 1, steps 1 and 3) runs an empty group in its place. The 2-process run is killed after its
+    step-3 snapshot and resumed in one process: steps 1-3 come from 2 processes, step 4 from the resumed one."""
+    script = tmp_path / "grpo_stand_in.py"
+    script.write_text(STAND_IN)
+    rows = [json.loads(line) for line in open(os.path.join(demo_dir, "grpo.jsonl"))]
+    for r in rows:
+        r["video"] = os.path.join(demo_dir, r["video"])  # absolute: the file lives elsewhere
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 100)
+    rows.insert(2, dict(rows[2], id="broken-video", video=str(tmp_path / "garbage.mp4")))
+    data = tmp_path / "grpo.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # 7 prompts x 2 epochs / 4 per step = 4 steps; G = 3; 2 passes per rollout batch, so the clip matters
+    args = ["--model", "tiny-videollama3", "--data", str(data), "--group-size", "3", "--batch-size", "4",
+            "--max-completion-length", "8", "--epochs", "2", "--passes", "2", "--lr", "1e-3", "--warmup-ratio", "0",
+            "--save-every", "3", "--skip-bad-records", "--device", "cpu"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it for each of its processes
+    _run(str(script), *args, "--out", one, env=one_thread)
+    _killed_after_first_snapshot(str(script), *args, out=two, nproc=2)
+    r = _run(str(script), *args, "--out", two, "--resume", env=one_thread)
+    assert "resuming from" in r.stdout
+
+    steps_one, steps_two = _steps(one), _steps(two)
+    assert len(steps_one) == 4 and steps_one[0]["zero_var_groups"] < 1  # advantages: the equality is not vacuous
+    assert max(s["clip_frac"] for s in steps_one) > 0
+    _assert_same_steps(steps_one, steps_two)
+    summaries = [[json.loads(x) for x in open(os.path.join(o, "metrics.jsonl"))][-1]["summary"] for o in (one, two)]
+    assert summaries[0] == summaries[1] and summaries[0]["skipped_records"] == 1  # named, also across the resume
+    w1, w2 = _weights(one), _weights(two)
+    start = _weights("tiny-videollama3")
+    assert all(not torch.equal(w1[k], start[k]) for k in w1 if M._is_llm(k))  # it trained every LLM weight
+    _assert_same_weights(w1, w2)

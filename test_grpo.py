@@ -1,6 +1,6 @@
 """Tests for grpo.py and model.completion_logprobs.
 
-    python -m pytest -q test_grpo.py                 # all (the learning test takes about a minute on CPU)
+    python -m pytest -q test_grpo.py                 # all (the learning test takes about two minutes on CPU)
     python -m pytest -q test_grpo.py -k "not learns"  # the fast ones
 
 1. The log-probs the training forward computes equal those under which generate sampled the tokens
@@ -146,7 +146,7 @@ def test_group_size_must_be_at_least_two():
 def test_cli_runs_logs_and_saves(demo, tmp_path):
     out = str(tmp_path / "grpo")
     grpo.main(["--model", "tiny-qwen2.5-vl", "--data", os.path.join(demo, "grpo.jsonl"), "--out", out,
-               "--group-size", "2", "--batch-size", "2", "--max-completion-length", "8", "--max-steps", "2",
+               "--group-size", "2", "--batch-size", "1", "--max-completion-length", "8", "--max-steps", "2",
                "--passes", "2", "--lr", "1e-3", "--device", "cpu"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in rows if "step" in r]
@@ -194,8 +194,10 @@ def test_grpo_learns_on_demo(demo, tmp_path):
     out = str(tmp_path / "grpo")
     grpo.main(["--model", start, "--data", os.path.join(demo, "grpo.jsonl"), "--out", out, "--seed", "0",
                "--group-size", "4", "--batch-size", "8", "--max-completion-length", "96", "--lr", "2e-4",
-               "--passes", "2", "--epochs", "3", "--max-steps", "30", "--device", "cpu"])
+               "--passes", "2", "--epochs", "5", "--max-steps", "60", "--device", "cpu"])
     steps = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "step" in r]
-    first = sum(r["reward"] for r in steps[:8]) / 8
-    last = sum(r["reward"] for r in steps[-8:]) / 8
-    assert last > first + 0.25, f"mean reward, first 8 steps {first:.3f}, last 8 steps {last:.3f}"
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+    first, last = mean(steps[:10], "reward"), mean(steps[-10:], "reward")  # 320 completions each
+    # Seen: +0.43 and +0.51 (seeds 0, 1); one step's mean over 32 completions has a spread of about 0.3.
+    assert last > first + 0.25, f"mean reward, first 10 steps {first:.3f}, last 10 steps {last:.3f}"
+    assert mean(steps[-10:], "format_rate") > mean(steps[:10], "format_rate")
