@@ -153,7 +153,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: float = 0.
 @dataclass
 class Group:
     """One prompt's rollout: everything the update needs, nothing it must recompute."""
-    batch: dict  # the prompt batch: G copies of one record, left-padded (data.collate)
+    batch: dict  # the prompt batch: G rows of one record sharing its video features (model.repeat_rows)
     completion: torch.Tensor  # (G, L) sampled ids, right-padded
     mask: torch.Tensor  # (G, L) up to and including the first end-of-turn token
     old_logp: torch.Tensor | None  # (G, L) log π_old at sampling time; None with one pass (then π_old = π_θ)
@@ -166,17 +166,20 @@ class Group:
 
 @torch.no_grad()
 def rollout(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args, skipped: dict) -> Group:
-    """Sample G completions for one prompt (eval mode, KV cache on), score them, normalise the rewards.
+    """Sample G completions for one prompt, score them, normalise the rewards. The video is decoded, encoded and
+    the prompt prefilled once for the group (model.py's fast path: the G samples share the prompt's KV cache).
     A record whose video cannot be decoded (with --skip-bad-records) gives an empty group (`empty_group`)."""
     G = args.group_size
-    batch = D.collate(policy, [record] * G, structured=True, with_target=False, fps=args.fps,
-                      max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
-    if batch is None:  # named in `skipped` and the log; never replaced by another prompt
+    prompt = D.collate(policy, [record], structured=True, with_target=False, fps=args.fps,
+                       max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)  # decoded once
+    if prompt is None:  # named in `skipped` and the log; never replaced by another prompt
         return empty_group(policy, ref, record, args)
     with M.autocast(policy.device):
-        completion, texts = M.generate(policy, batch, max_new_tokens=args.max_completion_length, do_sample=True,
-                                       temperature=args.temperature, top_p=args.top_p)  # (G, L)
+        prompt = M.encode_videos(policy, prompt)  # the frozen vision encoder runs once per group, here
+        completion, texts = M.sample_group(policy, prompt, G, max_new_tokens=args.max_completion_length,
+                                           temperature=args.temperature, top_p=args.top_p)  # (G, L), one prefill
         mask = M.completion_mask(completion, policy.eot_id)  # (G, L)
+        batch = M.repeat_rows(prompt, G)  # G rows sharing the video features: no vision encoder in the update
         old_logp = M.completion_logprobs(policy, batch, completion, mask) if args.passes > 1 else None
         ref_logp = M.completion_logprobs(ref, batch, completion, mask) if ref is not None else None
     totals, parts = R.safety_rewards(texts, [record.target] * G, [record.video_label] * G, [record.text_label] * G,
