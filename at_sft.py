@@ -35,7 +35,6 @@ import argparse
 import json
 import math
 import os
-import random
 import time
 
 import torch
@@ -114,7 +113,7 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     if args.max_steps:
         total = min(total, args.max_steps)
     scheduler = M.cosine_schedule(optimizer, total, args.warmup_ratio)
-    order = _epoch_order(len(records), total * global_batch, args.seed)  # the data position is the step
+    order = D.run_order(len(records), total * global_batch, args.seed)  # the data position is the step
     start, resume_dir = 0, os.path.join(args.out, "resume")
     if resume and resume["phase"] == phase:
         start = M.load_train_state(resume["dir"], optimizer, scheduler, llm)["step"]
@@ -129,6 +128,8 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
             batch = D.collate(llm, batch_records, structured=structured, with_target=True, fps=args.fps,
                               max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
             if batch is None:  # every record of this micro-batch was bad and skipped
+                if world > 1:  # every forward / backward of a sharded model is a collective: the others wait
+                    _stand_in(llm, batch_records[0], structured)
                 continue
             with M.autocast(llm.device):
                 out = llm.forward(batch)
@@ -169,14 +170,13 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     return total
 
 
-def _epoch_order(n: int, needed: int, seed: int) -> list[int]:
-    """Record indices for the whole run: a fresh seeded shuffle per epoch, concatenated."""
-    rng, order = random.Random(seed), []
-    while len(order) < needed:
-        perm = list(range(n))
-        rng.shuffle(perm)
-        order += perm
-    return order[:needed]
+def _stand_in(llm: M.VideoLLM, record, structured: bool) -> None:
+    """Under torchrun, what a rank runs for a micro-batch whose records were all skipped: a forward and backward
+    that add exactly 0 to every gradient (the record's text alone, loss × 0), so that it takes part in FSDP's
+    collectives like the other ranks. One process simply skips the micro-batch; the step is the same."""
+    batch = D.collate(llm, [record], structured=structured, with_target=True, no_video=True)
+    with M.autocast(llm.device):
+        (llm.forward(batch)["lm_loss"] * 0).backward()
 
 
 @torch.no_grad()

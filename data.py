@@ -169,6 +169,17 @@ def _bad(err: DataError, skip_bad: bool, skipped: dict | None) -> None:
 # Video decoding (decord): sample at `fps`, at most `max_frames`, decode only the sampled frames
 
 
+def run_order(n: int, needed: int, seed: int) -> list[int]:
+    """Record indices for a whole training run: a fresh seeded shuffle per epoch, concatenated. The position in
+    it is a function of the step alone, which is what lets --resume continue mid-epoch."""
+    rng, order = random.Random(seed), []
+    while len(order) < needed:
+        perm = list(range(n))
+        rng.shuffle(perm)
+        order += perm
+    return order[:needed]
+
+
 def sample_indices(num_frames: int, native_fps: float, fps: float, max_frames: int) -> np.ndarray:
     """Frame indices at `fps` (one every native_fps/fps frames, from frame 0); if that gives more than
     `max_frames`, `max_frames` indices spread uniformly over the whole clip instead."""

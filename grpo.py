@@ -59,7 +59,7 @@ from tqdm import tqdm
 import data as D
 import model as M
 import rewards as R
-from at_sft import _epoch_order, finish, open_log
+from at_sft import finish, open_log
 
 ONE_PASS_NOTE = ("note: --passes 1, so the ratio is exactly 1 at the update and the loss is ≈ β·KL, near zero by "
                  "design (the gradient is still the policy gradient); watch the reward, not the loss")
@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
     steps = math.ceil(len(records) * args.epochs / args.batch_size)
     steps = min(steps, args.max_steps) if args.max_steps else steps
     scheduler = M.cosine_schedule(optimizer, steps * args.passes, args.warmup_ratio)
-    order = _epoch_order(len(records), steps * args.batch_size, args.seed)  # the data position is the step
+    order = D.run_order(len(records), steps * args.batch_size, args.seed)  # the data position is the step
     start = M.load_train_state(resume["dir"], optimizer, scheduler, policy)["step"] if resume else 0
     log = open_log(args.out, append=resume is not None)
     log({"config": vars(args), **({"world_size": world} if world > 1 else {})})

@@ -155,6 +155,28 @@ def test_cold_start_two_processes_equal_one(demo_dir, tmp_path):
     assert summaries[0] == summaries[1]  # held-out greedy answers: the same format rate and first answer
 
 
+def test_rank_whose_micro_batch_is_all_bad_does_not_hang(demo_dir, tmp_path):
+    """--skip-bad-records under torchrun, one record per micro-batch: the rank that draws the undecodable video
+    has nothing left, yet must take part in FSDP's collectives (it runs a stand-in that adds 0); the run
+    ends, names the record, and equals one process with the same global batch."""
+    rows = [json.loads(line) for line in open(os.path.join(demo_dir, "cold_start.jsonl"))]
+    for r in rows:
+        r["video"] = os.path.join(demo_dir, r["video"])
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 100)
+    rows.insert(2, dict(rows[2], id="broken-video", video=str(tmp_path / "garbage.mp4")))
+    data = tmp_path / "cold_start.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--model", "tiny-videollama3", "--data", str(data), "--batch-size", "1", "--lr-llm", "3e-3",
+            "--warmup-ratio", "0", "--epochs", "1", "--eval-records", "0", "--skip-bad-records"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run("cold_start.py", *args, "--grad-accum", "2", "--out", one)
+    _run("cold_start.py", *args, "--grad-accum", "1", "--out", two, nproc=2, timeout=240)
+    _assert_same_steps(_steps(one), _steps(two))
+    summaries = [[json.loads(x) for x in open(os.path.join(o, "metrics.jsonl"))][-1]["summary"] for o in (one, two)]
+    assert summaries[0]["skipped_records"] == summaries[1]["skipped_records"] == 1
+    _assert_same_weights(_weights(one), _weights(two))
+
+
 def rouge_anywhere(texts, references, video_labels, text_labels, **weights):
     """A GRPO stand-in reward with spread: ROUGE of the whole completion against the reference. The real reward
     gives the untrained tiny model's random completions 0 everywhere (no tags): no advantages, and nothing for the
