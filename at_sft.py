@@ -235,10 +235,14 @@ def open_log(out_dir: str, append: bool = False):
 
 
 def start(args, stage: str):
-    """Load the model (or, with --resume, the last snapshot), the records and the log for a stage.
+    """Read the records (training and held-out: bad data fails here, before minutes of model loading), then load
+    the model (or, with --resume, the last snapshot) and open the log for a stage.
     Under torchrun: join the process group and shard the model over the ranks (M.shard_model)."""
     rank, world, _, device = M.init_distributed(args.device)
     say = print if rank == 0 else (lambda *a, **k: None)
+    skipped: dict = {}
+    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)
+    heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []
     resume = None
     if args.resume:
         src = M.find_train_state(os.path.join(args.out, "resume"))
@@ -253,13 +257,11 @@ def start(args, stage: str):
         llm.model.gradient_checkpointing_enable()
     if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device
         M.shard_model(llm, device)
-    skipped: dict = {}
-    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)
     log = open_log(args.out, append=resume is not None)
     log({"config": vars(args), **({"world_size": world} if world > 1 else {})})
     say(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}"
         + (f"; {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
-    return llm, records, log, skipped, resume
+    return llm, records, heldout, log, skipped, resume
 
 
 def finish(llm, args, log, skipped: dict, summary: dict) -> dict:
@@ -278,7 +280,7 @@ def finish(llm, args, log, skipped: dict, summary: dict) -> dict:
 def main(argv=None) -> dict:
     args = get_args(argv)
     M.seed_everything(args.seed)
-    llm, records, log, skipped, resume = start(args, "AT-SFT")
+    llm, records, heldout, log, skipped, resume = start(args, "AT-SFT")
     common = dict(log=log, skipped=skipped, resume=resume)
 
     steps = 0
@@ -290,8 +292,8 @@ def main(argv=None) -> dict:
                        train_alarm=True, train_heads=True, **common)
 
     summary = {"stage": "at_sft", "step": steps}
-    if args.eval_records:
-        summary.update(heldout_check(llm, D.load_records(args.eval_data)[:args.eval_records], args, structured=False))
+    if heldout:
+        summary.update(heldout_check(llm, heldout, args, structured=False))
     return finish(llm, args, log, skipped, summary)
 
 

@@ -29,14 +29,13 @@ from at_sft import finish, get_args, heldout_check, start, train_sft
 def main(argv=None) -> dict:
     args = get_args(argv, stage="cold_start", description=__doc__.split("\n\n")[0], model="runs/demo/at_sft")
     M.seed_everything(args.seed)
-    llm, records, log, skipped, resume = start(args, "cold start")
+    llm, records, heldout, log, skipped, resume = start(args, "cold start")
 
     steps = train_sft(llm, args, records, phase="cold_start", structured=True, use_atc=False,
                       train_alarm=False, train_heads=False, log=log, skipped=skipped, resume=resume)
 
     summary = {"stage": "cold_start", "step": steps}
-    if args.eval_records:  # do greedy answers pass the format check on held-out prompts?
-        heldout = D.load_records(args.eval_data)[:args.eval_records]
+    if heldout:  # do greedy answers pass the format check on held-out prompts?
         summary.update(heldout_check(llm, heldout, args, structured=True, n_generate=min(len(heldout), 16)))
     return finish(llm, args, log, skipped, summary)
 

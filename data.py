@@ -202,6 +202,9 @@ def read_video(path: str, fps: float = 1.0, max_frames: int = 90, rid: str = "?"
         raise DataError(f"record {rid}: cannot decode video {path} ({type(e).__name__}: {str(e)[:200]})") from None
     if n == 0 or native <= 0:
         raise DataError(f"record {rid}: video {path} has no frames")
+    if n / native < 1 / fps:  # not even one sampling interval: the clip would be read as a still image
+        raise DataError(f"record {rid}: video {path} lasts {n / native:.3g} s, shorter than one frame at --fps {fps:g} "
+                        f"({1 / fps:.3g} s); raise --fps or drop the record")
     idx = sample_indices(n, native, fps, max_frames)
     frames = vr.get_batch(idx.tolist()).asnumpy()  # (T, H, W, 3)
     meta = VideoMetadata(total_num_frames=n, fps=native, height=frames.shape[1], width=frames.shape[2],

@@ -91,6 +91,14 @@ def test_read_video(clips, clip, fps, max_frames, expected):
     assert [frame_number(f) for f in frames] == expected
 
 
+def test_video_shorter_than_one_frame_at_the_fps(tmp_path):
+    path = write_gray_clip(str(tmp_path / "short.mp4"), 25, 10)  # 0.4 s
+    with pytest.raises(DataError, match=r"record r9: video .*short.mp4 lasts 0.4 s, shorter than one frame at --fps 1"):
+        data.read_video(path, fps=1, rid="r9")
+    frames, meta = data.read_video(path, fps=4, rid="r9")  # at 4 fps: one frame every 6.25, frames 0 and 6
+    assert meta.frames_indices == [0, 6]
+
+
 def test_real_timestamps_reach_the_processor(llm, tiny_name, clips):
     """Traps: the processor must get the sampled frames' real times (Qwen2.5-VL second_per_grid_ts,
     Qwen3-VL <t seconds>, VideoLLaMA3 'Time t s')."""
