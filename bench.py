@@ -62,13 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def straightforward_logprobs(llm: M.VideoLLM, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log π(o_t | ...) the usual way: the full forward (vision encoder included) on G copies of the prompt ++
     completion, logits at every position, then log-softmax one row at a time. (B, L), 0 where mask is 0."""
-    ids, P = batch["input_ids"], batch["input_ids"].shape[1]
-    inputs = {k: batch[k] for k in batch["model_keys"]}
-    for k, v in inputs.items():  # per-token extras (Qwen's mm_token_type_ids): the completion is text
-        if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask"):
-            inputs[k] = torch.cat([v, v.new_zeros(v.shape[0], completion.shape[1])], dim=1)
-    inputs["input_ids"] = torch.cat([ids, completion], dim=1)
-    inputs["attention_mask"] = torch.cat([batch["attention_mask"], mask.to(batch["attention_mask"].dtype)], dim=1)
+    P = batch["input_ids"].shape[1]
+    inputs = M.prompt_and_completion(batch, completion, mask)
     logits = llm.model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V): every position
     targets = inputs["input_ids"][:, 1:]
     rows = [row.log_softmax(dim=-1).gather(1, t[:, None]).squeeze(1) for row, t in zip(logits, targets)]

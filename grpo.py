@@ -32,6 +32,8 @@ policy gathered (model.unsharded); the loss is normalised by the whole step's co
 Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1 prompt), and why:
 - --batch-size prompts per step (default 8 = their 8 GPUs × 1 prompt) are rolled out one group at a time (per
   process) and their losses accumulated before one optimizer step: the same objective, memory for G sequences.
+- One prefill per prompt (its KV cache shared by the G samples) and one vision-encoder pass per group, reused by
+  every update forward (model.py's fast path), where theirs repeats both G times per forward; same results.
 - Weights stay fp32 with bf16 autocast on GPU (theirs: bf16 under DeepSpeed, which keeps fp32 master weights).
 - The old-policy log-probs are recomputed by the training forward (no sampling warpers) and only when
   --passes > 1; with one pass π_old = π_θ.detach(), as in their code and TRL (the tests check both agree).

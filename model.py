@@ -247,24 +247,16 @@ def completion_logprobs(llm: VideoLLM, batch: dict, completion: torch.Tensor, ma
 
     batch: the left-padded prompt batch (data.collate, with_target=False) the completions were sampled from;
     completion (B, L): right-padded ids (model.generate); mask (B, L): model.completion_mask.
-    The sequence is prompt ++ completion with attention mask prompt mask ++ completion mask. Per-token processor
-    outputs (Qwen's mm_token_type_ids) get zeros (= text) for the completion; the visual inputs are passed as
-    they are, and Qwen's 3-D positions are recomputed from input_ids (a training forward never reuses the
+    The sequence is prompt ++ completion (`prompt_and_completion`); the visual inputs (pixels, or the features
+    of `encode_videos`, which skip the vision encoder) are passed as they are, and Qwen's 3-D positions are recomputed from input_ids (a training forward never reuses the
     rope_deltas that generate cached). The backbone runs once; the LM head runs only on the L positions that
     predict completion tokens, `chunk` rows at a time, each chunk recomputed in backward (checkpoint), so no
     (B, T, vocab) logits exist and at most (chunk, vocab) of them at once. Gradients flow iff grad is enabled.
     """
     from torch.utils.checkpoint import checkpoint
 
-    ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
-    P, L = ids.shape[1], completion.shape[1]
-    inputs = {k: batch[k] for k in batch["model_keys"]}
-    for k, v in inputs.items():  # per-token extras (B, P) -> (B, P+L), completion tokens are text (0)
-        if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask"):
-            inputs[k] = torch.cat([v, v.new_zeros(v.shape[0], L)], dim=1)
-    inputs["input_ids"] = torch.cat([ids, completion], dim=1)  # (B, P+L)
-    inputs["attention_mask"] = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)  # (B, P+L)
-    hidden = llm.backbone(inputs)  # (B, P+L, H)
+    P, L = batch["input_ids"].shape[1], completion.shape[1]
+    hidden = llm.backbone(prompt_and_completion(batch, completion, mask))  # (B, P+L, H)
     hidden = hidden[:, P - 1:P + L - 1].flatten(0, 1)  # (B*L, H): position P-1+t predicts completion token t
     targets = completion.flatten()  # (B*L,)
     out = []
@@ -275,6 +267,19 @@ def completion_logprobs(llm: VideoLLM, batch: dict, completion: torch.Tensor, ma
         else:
             out.append(_token_logprobs(llm.model.lm_head, h, t))
     return torch.cat(out).view(completion.shape) * mask  # (B, L)
+
+
+def prompt_and_completion(batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The model inputs of prompt ++ completion: ids (B, P+L), attention mask prompt mask ++ completion mask, and
+    per-token processor outputs (Qwen's mm_token_type_ids) extended with zeros (= text) for the completion."""
+    ids, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    for k, v in inputs.items():  # per-token extras (B, P) -> (B, P+L)
+        if torch.is_tensor(v) and v.shape == ids.shape and k not in ("input_ids", "attention_mask"):
+            inputs[k] = torch.cat([v, v.new_zeros(v.shape[0], completion.shape[1])], dim=1)
+    inputs["input_ids"] = torch.cat([ids, completion], dim=1)  # (B, P+L)
+    inputs["attention_mask"] = torch.cat([prompt_mask, mask.to(prompt_mask.dtype)], dim=1)  # (B, P+L)
+    return inputs
 
 
 def _token_logprobs(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
