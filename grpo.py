@@ -18,8 +18,8 @@ for k optimizer steps; then ρ moves away from 1 and the clip matters.
 
 Run (one process; CPU or one GPU; the defaults are the paper's values):
     python grpo.py --model runs/vsr1/cold_start --data vst_grpo.jsonl --out runs/vsr1/grpo --gradient-checkpointing
-    python grpo.py --model runs/demo/cold_start --group-size 4 --max-completion-length 96 \
-        --lr 2e-4 --passes 2 --epochs 5 --max-steps 60            # the demo on CPU (tiny model; ~2 minutes)
+    python grpo.py --model runs/demo/cold_start --batch-size 4 --group-size 8 --max-completion-length 96 \
+        --lr 2e-4 --passes 2 --epochs 12.5                        # the demo on CPU (run_all.sh's; ~4.5 minutes)
 
 Run (8 GPUs, one node; policy and reference sharded with FSDP2; the same 8 prompts per step as one process):
     torchrun --nproc_per_node 8 grpo.py --model runs/vsr1/cold_start --data vst_grpo.jsonl --out runs/vsr1/grpo \
