@@ -64,9 +64,9 @@ def straightforward_logprobs(llm: M.VideoLLM, batch: dict, completion: torch.Ten
     completion, logits at every position, then log-softmax one row at a time. (B, L), 0 where mask is 0."""
     P = batch["input_ids"].shape[1]
     inputs = M.prompt_and_completion(batch, completion, mask)
-    logits = llm.model(**inputs, use_cache=False).logits[:, :-1].float()  # (B, T-1, V): every position
+    logits = llm.model(**inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V): every position, model dtype
     targets = inputs["input_ids"][:, 1:]
-    rows = [row.log_softmax(dim=-1).gather(1, t[:, None]).squeeze(1) for row, t in zip(logits, targets)]
+    rows = [row.float().log_softmax(dim=-1).gather(1, t[:, None]).squeeze(1) for row, t in zip(logits, targets)]
     return torch.stack(rows)[:, P - 1:] * mask  # (B, L): the completion's
 
 

@@ -208,22 +208,23 @@ def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = 768, do_sample
              temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
     """Generate from a left-padded prompt batch (data.collate). Eval mode, KV cache on (generating in train
     mode with gradient checkpointing silently turns the cache off). Alarm tokens and image/video
-    placeholders are never generated. Each process generates on its own (no synced_gpus), so a model sharded
-    with FSDP2 must be inside `with unsharded(llm):`.
+    placeholders are never generated. Decoding is exactly what the arguments say: extras a checkpoint's own
+    generation_config may carry (Qwen-Instruct's repetition penalty, top-k) are switched off, as in sample_group.
+    Each process generates on its own (no synced_gpus), so a model sharded with FSDP2 must be inside
+    `with unsharded(llm):`.
 
     Returns (completion ids (B, L), padded with pad_token_id after the end-of-turn token, decoded texts).
     """
     if is_sharded(llm) and not _gathered(llm):
         raise RuntimeError("generate on an FSDP2-sharded model: call it inside `with model.unsharded(llm):`")
-    was_training = llm.model.training
-    llm.model.eval()
     tok = llm.tokenizer
     sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
     bad = [[i] for i in _banned_ids(llm)]
     inputs = {k: batch[k] for k in batch["model_keys"]}
-    out = llm.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=llm.eot_id,
-                             pad_token_id=tok.pad_token_id, bad_words_ids=bad or None, synced_gpus=False, **sample)
-    llm.model.train(was_training)
+    with eval_mode(llm):
+        out = llm.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=llm.eot_id,
+                                 pad_token_id=tok.pad_token_id, bad_words_ids=bad or None, synced_gpus=False,
+                                 repetition_penalty=1.0, **sample)
     completion = out[:, inputs["input_ids"].shape[1]:]  # (B, L)
     return completion, tok.batch_decode(completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
 
@@ -309,7 +310,8 @@ def encode_videos(llm: VideoLLM, batch: dict) -> dict:
         return batch
     get = llm.model.model.get_video_features
     params = inspect.signature(get).parameters  # (pixel_values_videos, video_grid_thw[, video_merge_sizes])
-    feats = get(**{k: batch[k] for k in params if k in batch}, return_dict=True)
+    with eval_mode(llm):
+        feats = get(**{k: batch[k] for k in params if k in batch}, return_dict=True)
     keep = {"pooler_output": feats.pooler_output}  # tuple: one (tokens, H) tensor per video
     if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL: per decoder layer, per video
         keep["deepstack_features"] = feats.deepstack_features
@@ -346,41 +348,54 @@ def sample_group(llm: VideoLLM, batch: dict, G: int, *, max_new_tokens: int = 76
     `generate` on the same prompt. Returns (completion ids (G, L), decoded texts), as `generate` does."""
     if batch["input_ids"].shape[0] != 1:
         raise ValueError("sample_group takes a one-prompt batch; collate the record alone")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if is_sharded(llm) and not _gathered(llm):
         raise RuntimeError("sample_group on an FSDP2-sharded model: call it inside `with model.unsharded(llm):`")
-    was_training = llm.model.training
-    llm.model.eval()
-    head, tok = llm.model.lm_head, llm.tokenizer
+    head, tok, base = llm.model.lm_head, llm.tokenizer, llm.model.model
     banned = torch.tensor(_banned_ids(llm), dtype=torch.long, device=llm.device)
     pad = tok.pad_token_id
-
-    out = llm.base_forward(**{k: batch[k] for k in batch["model_keys"]}, use_cache=True)  # the one prefill
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)  # G rows share the prompt's keys and values
-    logits = head(out.last_hidden_state[:, -1]).float().expand(G, -1)  # (G, V): the first token's
-    P = batch["input_ids"].shape[1]
-    attention = batch["attention_mask"].expand(G, -1)  # (G, P); one row: no padding
-    rope_deltas = getattr(llm.model.model, "rope_deltas", None)  # Qwen's 3-D positions: text position + delta (from prefill)
-    done = torch.zeros(G, dtype=torch.bool, device=llm.device)
-    tokens = []
-    for t in range(max_new_tokens):
-        logits = logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
-        nxt = _sample_next(logits, temperature, top_p) if do_sample else logits.argmax(dim=-1)  # (G,)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        tokens.append(nxt)
-        done |= nxt == llm.eot_id
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, attention.new_ones(G, 1)], dim=1)  # (G, P+t+1)
-        pos = torch.full((G, 1), P + t, dtype=torch.long, device=llm.device)  # the new token's position
-        if rope_deltas is not None:
-            pos = (pos + rope_deltas.to(pos.device)).expand(3, G, 1)  # (3, G, 1): t, h, w positions alike
-        out = llm.base_forward(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
-                               past_key_values=cache, use_cache=True)
-        logits = head(out.last_hidden_state[:, -1]).float()  # (G, V)
-    llm.model.train(was_training)
+    with eval_mode(llm):
+        if hasattr(base, "rope_deltas"):  # Qwen: a stale value from an earlier forward must not leak in; the
+            base.rope_deltas = None  # prefill sets it for a video prompt and leaves None for a text-only one
+        out = llm.base_forward(**{k: batch[k] for k in batch["model_keys"]}, use_cache=True)  # the one prefill
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)  # G rows share the prompt's keys and values
+        logits = head(out.last_hidden_state[:, -1]).float().expand(G, -1)  # (G, V): the first token's
+        P = batch["input_ids"].shape[1]
+        attention = batch["attention_mask"].expand(G, -1)  # (G, P); one row: no padding
+        rope_deltas = getattr(base, "rope_deltas", None)  # Qwen's 3-D positions: text position + delta
+        done = torch.zeros(G, dtype=torch.bool, device=llm.device)
+        tokens = []
+        for t in range(max_new_tokens):
+            logits = logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
+            nxt = _sample_next(logits, temperature, top_p) if do_sample else logits.argmax(dim=-1)  # (G,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            done |= nxt == llm.eot_id
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            attention = torch.cat([attention, attention.new_ones(G, 1)], dim=1)  # (G, P+t+1)
+            pos = torch.full((G, 1), P + t, dtype=torch.long, device=llm.device)  # the new token's position
+            if rope_deltas is not None:
+                pos = (pos + rope_deltas.to(pos.device)).expand(3, G, 1)  # (3, G, 1): t, h, w positions alike
+            out = llm.base_forward(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
+                                   past_key_values=cache, use_cache=True)
+            logits = head(out.last_hidden_state[:, -1]).float()  # (G, V)
     completion = torch.stack(tokens, dim=1)  # (G, L)
     return completion, tok.batch_decode(completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def eval_mode(llm: VideoLLM):
+    """Eval mode inside (no dropout; generation keeps its KV cache even with gradient checkpointing on), the
+    previous mode restored after, also when an exception leaves the block."""
+    was_training = llm.model.training
+    llm.model.eval()
+    try:
+        yield
+    finally:
+        llm.model.train(was_training)
 
 
 def _sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -86,6 +86,22 @@ def _one_prompt(name, demo, index=0):
 
 
 @pytest.mark.parametrize("name", M.TINY_MODELS)
+def test_shared_prefix_text_only_prompt_after_other_forwards(name, demo):
+    """A text-only prompt right after a video prompt and a 3-row training forward: nothing from those (Qwen's
+    cached rope_deltas) leaks into its positions; greedy tokens still equal generate's."""
+    llm, video_prompt = _one_prompt(name, demo)
+    M.sample_group(llm, M.encode_videos(llm, video_prompt), 2, max_new_tokens=4)
+    completion = torch.full((3, 4), llm.eot_id)
+    with torch.no_grad():
+        M.completion_logprobs(llm, M.repeat_rows(video_prompt, 3), completion, M.completion_mask(completion, llm.eot_id))
+    record = D.load_records(os.path.join(demo, "grpo.jsonl"))[3]
+    text_prompt = D.collate(llm, [record], structured=True, with_target=False, no_video=True)
+    fast, _ = M.sample_group(llm, M.encode_videos(llm, text_prompt), 2, max_new_tokens=16, do_sample=False)
+    expected, _ = M.generate(llm, text_prompt, max_new_tokens=16)
+    assert torch.equal(fast, expected.expand(2, -1))
+
+
+@pytest.mark.parametrize("name", M.TINY_MODELS)
 def test_shared_prefix_greedy_equals_generate(name, demo, monkeypatch):
     llm, prompt = _one_prompt(name, demo)
     expected, texts = M.generate(llm, prompt, max_new_tokens=16)  # (1, 16): HF generate, greedy
