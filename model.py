@@ -249,8 +249,8 @@ def completion_logprobs(llm: VideoLLM, batch: dict, completion: torch.Tensor, ma
     batch: the left-padded prompt batch (data.collate, with_target=False) the completions were sampled from;
     completion (B, L): right-padded ids (model.generate); mask (B, L): model.completion_mask.
     The sequence is prompt ++ completion (`prompt_and_completion`); the visual inputs (pixels, or the features
-    of `encode_videos`, which skip the vision encoder) are passed as they are, and Qwen's 3-D positions are recomputed from input_ids (a training forward never reuses the
-    rope_deltas that generate cached). The backbone runs once; the LM head runs only on the L positions that
+    of `encode_videos`, which skip the vision encoder) are passed as they are, and Qwen's 3-D positions are
+    recomputed from input_ids (a training forward never reuses the rope_deltas that generation cached). The backbone runs once; the LM head runs only on the L positions that
     predict completion tokens, `chunk` rows at a time, each chunk recomputed in backward (checkpoint), so no
     (B, T, vocab) logits exist and at most (chunk, vocab) of them at once. Gradients flow iff grad is enabled.
     """
@@ -653,7 +653,7 @@ def check_finite(loss: float, grad_norm, step: int, resume_dir: str) -> None:
 # through a hook and `classify`, not a module forward FSDP could wrap, so it stays whole on every rank and
 # its gradients are averaged with one all-reduce each (all_reduce_alarm_grads).
 
-BACKBONE = "vsr1_backbone"  # the method name shard_model registers with FSDP2 (see VideoLLM.backbone)
+BACKBONE = "vsr1_backbone"  # the method name shard_model registers with FSDP2 (see VideoLLM.base_forward)
 
 
 def init_distributed(device: str | None = None) -> tuple[int, int, int, str | None]:
@@ -747,8 +747,8 @@ def shard_model(llm: VideoLLM, device: str) -> None:
     # The root keeps its parameters gathered from forward to backward: VideoLLM.forward applies the LM head
     # after the backbone, outside any module forward FSDP sees.
     fully_shard(llm.model, mesh=mesh, reshard_after_forward=False)
-    # VideoLLM.backbone calls the model without its LM head (llm.model.model), which is not the root's forward:
-    # register that call as a forward method of the root so FSDP gathers the root's parameters for it.
+    # VideoLLM.base_forward calls the model without its LM head (llm.model.model), which is not the root's
+    # forward: register that call as a forward method of the root so FSDP gathers the root's parameters for it.
     setattr(llm.model, BACKBONE, inner.__call__)
     register_fsdp_forward_method(llm.model, BACKBONE)
     if llm.alarm is not None:
