@@ -155,18 +155,24 @@ def test_cold_start_two_processes_equal_one(demo_dir, tmp_path):
     assert summaries[0] == summaries[1]  # held-out greedy answers: the same format rate and first answer
 
 
+def _with_broken_video(demo_dir: str, split: str, tmp_path) -> str:
+    """A copy of a demo split with an undecodable video inserted as its third record ("broken-video")."""
+    rows = [json.loads(line) for line in open(os.path.join(demo_dir, split))]
+    for r in rows:
+        r["video"] = os.path.join(demo_dir, r["video"])  # absolute: the copy lives elsewhere
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 100)
+    rows.insert(2, dict(rows[2], id="broken-video", video=str(tmp_path / "garbage.mp4")))
+    data = tmp_path / split
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(data)
+
+
 def test_rank_whose_micro_batch_is_all_bad_does_not_hang(demo_dir, tmp_path):
     """--skip-bad-records under torchrun, one record per micro-batch: the rank that draws the undecodable video
     has nothing left, yet must take part in FSDP's collectives (it runs a stand-in that adds 0); the run
     ends, names the record, and equals one process with the same global batch."""
-    rows = [json.loads(line) for line in open(os.path.join(demo_dir, "cold_start.jsonl"))]
-    for r in rows:
-        r["video"] = os.path.join(demo_dir, r["video"])
-    (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 100)
-    rows.insert(2, dict(rows[2], id="broken-video", video=str(tmp_path / "garbage.mp4")))
-    data = tmp_path / "cold_start.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["--model", "tiny-videollama3", "--data", str(data), "--batch-size", "1", "--lr-llm", "3e-3",
+    data = _with_broken_video(demo_dir, "cold_start.jsonl", tmp_path)
+    args = ["--model", "tiny-videollama3", "--data", data, "--batch-size", "1", "--lr-llm", "3e-3",
             "--warmup-ratio", "0", "--epochs", "1", "--eval-records", "0", "--skip-bad-records"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _run("cold_start.py", *args, "--grad-accum", "2", "--out", one)
@@ -201,15 +207,9 @@ def test_grpo_two_processes_equal_one(demo_dir, tmp_path):
     step-3 snapshot and resumed in one process: steps 1-3 come from 2 processes, step 4 from the resumed one."""
     script = tmp_path / "grpo_stand_in.py"
     script.write_text(STAND_IN)
-    rows = [json.loads(line) for line in open(os.path.join(demo_dir, "grpo.jsonl"))]
-    for r in rows:
-        r["video"] = os.path.join(demo_dir, r["video"])  # absolute: the file lives elsewhere
-    (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 100)
-    rows.insert(2, dict(rows[2], id="broken-video", video=str(tmp_path / "garbage.mp4")))
-    data = tmp_path / "grpo.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _with_broken_video(demo_dir, "grpo.jsonl", tmp_path)
     # 7 prompts x 2 epochs / 4 per step = 4 steps; G = 3; 2 passes per rollout batch, so the clip matters
-    args = ["--model", "tiny-videollama3", "--data", str(data), "--group-size", "3", "--batch-size", "4",
+    args = ["--model", "tiny-videollama3", "--data", data, "--group-size", "3", "--batch-size", "4",
             "--max-completion-length", "8", "--epochs", "2", "--passes", "2", "--lr", "1e-3", "--warmup-ratio", "0",
             "--save-every", "3", "--skip-bad-records", "--device", "cpu"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
