@@ -26,67 +26,73 @@ Where we depart from the authors' code, and why:
   which also keeps fp32 master weights); on CPU everything is fp32.
 - The LM loss is a token mean over the micro-batch's assistant tokens, divided by --grad-accum.
 
-cold_start.py reuses the loop below (`train_sft`) with its own data and settings.
+cold_start.py reuses the loop below (`train_sft`) with its own data and settings. The alarm tokens, the ATC heads
+and the loss are in alarm.py; the model plumbing in model.py; snapshots, logs and the schedule in training.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 
 import torch
 from tqdm import tqdm
 
+import cli
 import data as D
+import demo
+import distributed
 import model as M
+import training as T
+from alarm import LAMBDA_T, LAMBDA_V, at_sft_loss
 
 
-def get_args(argv=None, stage: str = "at_sft", **defaults) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if stage == "at_sft" else defaults.pop("description"),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny-videollama3",
-                   help="hub name, local path, previous stage's checkpoint, or a built-in tiny model "
-                        f"({', '.join(M.TINY_MODELS)})")
-    p.add_argument("--data", default=None, help=f"training JSONL (default: the demo's {stage} split, generated if absent)")
-    p.add_argument("--eval-data", default=None, help="held-out JSONL for the end-of-run check (default: the demo's eval split)")
-    p.add_argument("--out", default=f"runs/demo/{stage}", help="output checkpoint directory (+ metrics.jsonl)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
-    p.add_argument("--batch-size", type=int, default=4, help="records per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=32,
-                   help="micro-batches per optimizer step in each process (global batch = batch-size x grad-accum x "
-                        "processes; paper: 128)")
-    p.add_argument("--lr-llm", type=float, default=1e-6, help="learning rate of the language model (paper: 1e-6)")
-    atc_only = (lambda h: h) if stage == "at_sft" else (lambda h: argparse.SUPPRESS)  # hidden in cold start's --help
-    p.add_argument("--lr-alarm", type=float, default=1e-5, help=atc_only("learning rate of the alarm vectors (paper: 1e-5)"))
-    p.add_argument("--lr-heads", type=float, default=1e-5, help=atc_only("learning rate of the ATC heads (paper: 1e-5)"))
-    p.add_argument("--lambda-v", type=float, default=0.1, help=atc_only("λ1, weight of the video ATC loss"))
-    p.add_argument("--lambda-t", type=float, default=0.1, help=atc_only("λ2, weight of the text ATC loss"))
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of steps of linear warmup before cosine decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (paper: 1)")
-    p.add_argument("--max-frames", type=int, default=90, help="at most this many frames per video (paper: 90)")
-    p.add_argument("--two-phase", action="store_true",
-                   help=atc_only("the authors' recipe: phase 1 = LM loss only on LLM + alarm vectors, then phase 2 = "
-                                 "the full AT-SFT loss on LLM + alarm + ATC heads (default: the paper's single objective)"))
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--eval-records", type=int, default=60, help="held-out records for the end-of-run check (0 = skip)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same machine: same weights)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
-    p.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps (0 = only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/resume: weights, optimizer, scheduler, RNG, data position")
-    p.add_argument("--skip-bad-records", action="store_true",
-                   help="leave out (and name in the log) records with bad fields or undecodable videos instead of stopping")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
+def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
+    """The SFT stages' flags (cold_start.py passes its own stage, docstring and defaults; the AT-SFT-only flags
+    are then hidden from its --help). Defaults are the paper's values."""
+    p = cli.parser(doc)
+    atc_only = (lambda h: h) if stage == "at_sft" else (lambda h: argparse.SUPPRESS)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="tiny-videollama3", help="hub name, local path, previous stage's checkpoint, or "
+                   f"a built-in tiny model ({', '.join(demo.TINY_MODELS)})")
+    g.add_argument("--data", default=None, help=f"training JSONL (default: the demo's {stage} split, generated if "
+                   "absent)")
+    g.add_argument("--eval-data", default=None, help="held-out JSONL for the end-of-run check (default: the demo's "
+                   "eval split)")
+    g.add_argument("--eval-records", type=int, default=60, help="held-out records for the end-of-run check "
+                   "(0 = skip)")
+    g.add_argument("--out", default=f"runs/demo/{stage}", help="output checkpoint directory (+ metrics.jsonl)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the data (paper: 1)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = no cap)")
+    g.add_argument("--batch-size", type=int, default=4, help="records per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=32, help="micro-batches per optimizer step in each process "
+                   "(global batch = batch-size x grad-accum x processes; paper: 128)")
+    g.add_argument("--lr-llm", type=float, default=1e-6, help="learning rate of the language model (paper: 1e-6)")
+    g.add_argument("--lr-alarm", type=float, default=1e-5, help=atc_only("learning rate of the alarm vectors "
+                   "(paper: 1e-5)"))
+    g.add_argument("--lr-heads", type=float, default=1e-5, help=atc_only("learning rate of the ATC heads "
+                   "(paper: 1e-5)"))
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
+    g.add_argument("--warmup-ratio", type=float, default=T.WARMUP_RATIO, help="share of steps of linear warmup "
+                   "before cosine decay (paper: 0.03)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    g = p.add_argument_group("AT-SFT loss" if stage == "at_sft" else None)
+    g.add_argument("--lambda-v", type=float, default=LAMBDA_V, help=atc_only("λ1, weight of the video ATC loss "
+                   "(paper: 0.1)"))
+    g.add_argument("--lambda-t", type=float, default=LAMBDA_T, help=atc_only("λ2, weight of the text ATC loss "
+                   "(paper: 0.1)"))
+    g.add_argument("--two-phase", action="store_true", help=atc_only(
+        "the authors' recipe: phase 1 = LM loss only on LLM + alarm vectors, then phase 2 = the full AT-SFT loss on "
+        "LLM + alarm + ATC heads (default: the paper's single objective)"))
+    cli.add_video_flags(p)
+    cli.add_snapshot_flags(p, resume_help="continue from OUT/resume: weights, optimizer, scheduler, RNG, data position")
+    cli.add_run_flags(p, seed=42, seed_help="random seed (same seed, same machine: same weights)")
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
-    args.data = args.data or D.demo_split(stage)
-    args.eval_data = args.eval_data or D.demo_split("eval")
+    args.data = args.data or demo.demo_split(stage)
+    args.eval_data = args.eval_data or demo.demo_split("eval")
     return args
 
 
@@ -100,11 +106,11 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
 
     resume: {"dir", "phase", "step"} of a snapshot to continue from (ignored if it belongs to another phase).
 
-    Under torchrun (llm sharded by M.shard_model) each rank runs --grad-accum micro-batches per step: the global
-    batch is batch_size × grad_accum × world, and micro-batch m of a step in one process with grad_accum × world
+    Under torchrun (llm sharded by distributed.shard_model) each rank runs --grad-accum micro-batches per step: the
+    global batch is batch_size × grad_accum × world, and micro-batch m of a step in one process with grad_accum × world
     is rank r's local micro-batch j with m = j·world + r. Each rank's loss is divided by grad_accum and FSDP
     averages the gradients over ranks, so a step equals that one-process step."""
-    rank, world = M.dist_rank(), M.dist_world()
+    rank, world = distributed.rank(), distributed.world_size()
     M.set_trainable(llm, train_llm=True, train_alarm=train_alarm, train_heads=train_heads)
     groups = M.param_groups(llm, args.lr_llm, args.lr_alarm, args.lr_heads, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
@@ -112,11 +118,11 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     total = math.ceil(len(records) * args.epochs / global_batch)
     if args.max_steps:
         total = min(total, args.max_steps)
-    scheduler = M.cosine_schedule(optimizer, total, args.warmup_ratio)
+    scheduler = T.cosine_schedule(optimizer, total, args.warmup_ratio)
     order = D.run_order(len(records), total * global_batch, args.seed)  # the data position is the step
-    start, resume_dir = 0, os.path.join(args.out, "resume")
+    start, resume_dir = 0, T.resume_dir(args.out)
     if resume and resume["phase"] == phase:
-        start = M.load_train_state(resume["dir"], optimizer, scheduler, llm)["step"]
+        start = T.load_train_state(resume["dir"], optimizer, scheduler, llm)["step"]
     llm.model.train()
     bar = tqdm(range(start, total), desc=phase, dynamic_ncols=True, initial=start, total=total, disable=rank != 0)
     for step in bar:
@@ -131,10 +137,10 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
                 if world > 1:  # every forward / backward of a sharded model is a collective: the others wait
                     _stand_in(llm, batch_records[0], structured)
                 continue
-            with M.autocast(llm.device):
+            with T.autocast(llm.device):
                 out = llm.forward(batch)
             if use_atc:  # L = L_base + λ1·L_ATC^v + λ2·L_ATC^t
-                loss, parts = M.at_sft_loss(out["lm_loss"], out["logit_v"], out["logit_t"], batch["video_label"],
+                loss, parts = at_sft_loss(out["lm_loss"], out["logit_v"], out["logit_t"], batch["video_label"],
                                             batch["text_label"], args.lambda_v, args.lambda_t)
                 hits_v += int(((out["logit_v"] > 0).float() == batch["video_label"]).sum())
                 hits_t += int(((out["logit_t"] > 0).float() == batch["text_label"]).sum())
@@ -146,14 +152,15 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(batch["attention_mask"].sum())
             seen += len(batch["records"])
-        M.all_reduce_alarm_grads(llm)  # replicated alarm: average its gradients (FSDP did the rest)
+        distributed.all_reduce_alarm_grads(llm)  # replicated alarm: average its gradients (FSDP did the rest)
         if world > 1:  # the step's numbers over the global batch: mean of the ranks' losses, summed counts
             keys = ["loss", "lm"] + (["atc_v", "atc_t"] if use_atc else [])  # the same on every rank
             counts = [n_tokens, hits_v, hits_t, seen]
-            *values, n_tokens, hits_v, hits_t, seen = M.all_reduce_sum([sums.get(k, 0.0) for k in keys] + counts)
+            reduced = distributed.all_reduce_sum([sums.get(k, 0.0) for k in keys] + counts)
+            *values, n_tokens, hits_v, hits_t, seen = reduced
             sums = {k: v / world for k, v in zip(keys, values)}
-        grad_norm = M.clip_grad_norm([p for g in groups for p in g["params"]], args.max_grad_norm)
-        M.check_finite(sums["loss"], grad_norm, step + 1, resume_dir)  # stop before a NaN reaches the weights
+        grad_norm = distributed.clip_grad_norm([p for g in groups for p in g["params"]], args.max_grad_norm)
+        T.check_finite(sums["loss"], grad_norm, step + 1, resume_dir)  # stop before a NaN reaches the weights
         lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
         optimizer.step()
         scheduler.step()
@@ -164,9 +171,10 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
         if use_atc:
             row.update(atc_v_acc=round(hits_v / max(seen, 1), 4), atc_t_acc=round(hits_t / max(seen, 1), 4))
         log(row)
-        if step + 1 == total or (args.save_every and (step + 1) % args.save_every == 0):
-            M.save_train_state(resume_dir, llm, optimizer, scheduler, {"phase": phase, "step": step + 1})
-        bar.set_postfix(loss=f"{row['loss']:.3f}", **({"acc_v": row["atc_v_acc"], "acc_t": row["atc_t_acc"]} if use_atc else {}))
+        if T.snapshot_due(step + 1, total, args.save_every):
+            T.save_train_state(resume_dir, llm, optimizer, scheduler, {"phase": phase, "step": step + 1})
+        atc = {"acc_v": row["atc_v_acc"], "acc_t": row["atc_t_acc"]} if use_atc else {}
+        bar.set_postfix(loss=f"{row['loss']:.3f}", **atc)
     return total
 
 
@@ -175,7 +183,7 @@ def _stand_in(llm: M.VideoLLM, record, structured: bool) -> None:
     that add exactly 0 to every gradient (the record's text alone, loss × 0), so that it takes part in FSDP's
     collectives like the other ranks. One process simply skips the micro-batch; the step is the same."""
     batch = D.collate(llm, [record], structured=structured, with_target=True, no_video=True)
-    with M.autocast(llm.device):
+    with T.autocast(llm.device):
         (llm.forward(batch)["lm_loss"] * 0).backward()
 
 
@@ -184,16 +192,17 @@ def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_g
     """ATC accuracy on held-out records (when the model has heads) and, for structured prompts, the format
     rate of greedy answers on the first `n_generate` of them.
 
-    Under torchrun every rank takes every world-th batch with the whole model gathered (M.unsharded: greedy
+    Under torchrun every rank takes every world-th batch with the whole model gathered (distributed.unsharded: greedy
     answers end at different lengths on different ranks), and the counts are summed over ranks."""
-    rank, world = M.dist_rank(), M.dist_world()
+    rank, world = distributed.rank(), distributed.world_size()
     llm.model.eval()
     result, hits_v, hits_t = {"heldout_n": len(records)}, 0, 0
     bs = args.batch_size
-    with M.unsharded(llm):
+    with distributed.unsharded(llm):
         for i in range(rank * bs, len(records), bs * world):
             chunk = records[i:i + bs]
-            batch = D.collate(llm, chunk, structured=structured, with_target=False, fps=args.fps, max_frames=args.max_frames)
+            batch = D.collate(llm, chunk, structured=structured, with_target=False, fps=args.fps,
+                              max_frames=args.max_frames)
             out = llm.forward(batch, need_lm=False)
             if out["logit_v"] is not None:
                 hits_v += int(((out["logit_v"] > 0).float() == batch["video_label"]).sum())
@@ -205,30 +214,17 @@ def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_g
                                   fps=args.fps, max_frames=args.max_frames)
                 texts += M.generate(llm, batch, max_new_tokens=getattr(args, "max_new_tokens", 256))[1]
     if llm.alarm is not None:
-        hits_v, hits_t = M.all_reduce_sum([hits_v, hits_t])
-        result.update(heldout_atc_v_acc=round(hits_v / len(records), 4), heldout_atc_t_acc=round(hits_t / len(records), 4))
+        hits_v, hits_t = distributed.all_reduce_sum([hits_v, hits_t])
+        result.update(heldout_atc_v_acc=round(hits_v / len(records), 4),
+                      heldout_atc_t_acc=round(hits_t / len(records), 4))
     if structured and n_generate:
         from rewards import format_reward
 
-        n_format, n_texts = M.all_reduce_sum([sum(map(format_reward, texts)), len(texts)])
+        n_format, n_texts = distributed.all_reduce_sum([sum(map(format_reward, texts)), len(texts)])
         result["heldout_format_rate"] = round(n_format / n_texts, 4)
         result["heldout_example"] = texts[0][:300] if texts else ""  # rank 0 holds the first answer
     llm.model.train()
     return result
-
-
-def open_log(out_dir: str, append: bool = False):
-    """JSONL logger for OUT/metrics.jsonl (appended to when a run resumes). Only rank 0 writes."""
-    if M.dist_rank() != 0:
-        return lambda row: None
-    os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w")
-
-    def log(row: dict) -> None:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-
-    return log
 
 
 # -----------------------------------------------------------------------------
@@ -237,49 +233,28 @@ def open_log(out_dir: str, append: bool = False):
 def start(args, stage: str):
     """Read the records (training and held-out: bad data fails here, before minutes of model loading), then load
     the model (or, with --resume, the last snapshot) and open the log for a stage.
-    Under torchrun: join the process group and shard the model over the ranks (M.shard_model)."""
-    rank, world, _, device = M.init_distributed(args.device)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    Under torchrun: join the process group and shard the model over the ranks (distributed.shard_model)."""
+    rank, world, _, device = distributed.init(args.device)
     skipped: dict = {}
     records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)
     heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []
-    resume = None
-    if args.resume:
-        src = M.find_train_state(os.path.join(args.out, "resume"))
-        if src is None:
-            raise M.TrainingError(f"--resume: no snapshot in {os.path.join(args.out, 'resume')}; run without --resume")
-        with open(os.path.join(src, M.META_FILE)) as f:
-            resume = {"dir": src, **json.load(f)["resume_state"]}
-        say(f"{stage}: resuming from {src} (phase {resume['phase']}, step {resume['step']})")
-    llm = M.load_model(resume["dir"] if resume else args.model, device="cpu" if world > 1 else device,
-                       dtype=torch.float32, with_alarm=True, trust_remote_code=args.trust_remote_code)
+    resume = T.find_resume(args.out) if args.resume else None
+    if resume:
+        T.say(f"{stage}: resuming from {resume['dir']} (phase {resume['phase']}, step {resume['step']})")
+    llm = T.load_for_training(resume["dir"] if resume else args.model, device, trust_remote_code=args.trust_remote_code)
     if args.gradient_checkpointing:
         llm.model.gradient_checkpointing_enable()
     if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device
-        M.shard_model(llm, device)
-    log = open_log(args.out, append=resume is not None)
-    log({"config": vars(args), **({"world_size": world} if world > 1 else {})})
-    say(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}"
-        + (f"; {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
+        distributed.shard_model(llm, device)
+    log = T.open_log(args.out, vars(args), append=resume is not None)
+    T.say(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}"
+          + (f"; {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     return llm, records, heldout, log, skipped, resume
-
-
-def finish(llm, args, log, skipped: dict, summary: dict) -> dict:
-    """Log the summary (with any skipped records by name), save the final checkpoint to OUT."""
-    skipped = M.union_over_ranks(skipped)  # under torchrun each rank saw the bad records of its own batches
-    if skipped:
-        summary.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
-    log({"summary": summary})
-    M.save_checkpoint(llm, args.out, meta={"args": vars(args), **summary})  # under torchrun: rank 0 writes it
-    if M.dist_rank() == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "note")}, ensure_ascii=False))
-    M.close_distributed()
-    return summary
 
 
 def main(argv=None) -> dict:
     args = get_args(argv)
-    M.seed_everything(args.seed)
+    T.seed_everything(args.seed)
     llm, records, heldout, log, skipped, resume = start(args, "AT-SFT")
     common = dict(log=log, skipped=skipped, resume=resume)
 
@@ -294,8 +269,8 @@ def main(argv=None) -> dict:
     summary = {"stage": "at_sft", "step": steps}
     if heldout:
         summary.update(heldout_check(llm, heldout, args, structured=False))
-    return finish(llm, args, log, skipped, summary)
+    return T.finish(llm, args.out, vars(args), log, skipped, summary)
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

@@ -5,7 +5,7 @@ The straightforward path is what the authors' TRL fork and the popular video-RL 
            G times, the vision encoder runs on each copy and the whole prompt is prefilled G times;
   update   π_ref's and π_θ's forwards each run the vision encoder on the G copies again and compute the logits
            of every position, prompt included, (G, T, vocab), then log-softmax row by row.
-Our path (model.py's "GRPO's fast path", what grpo.py runs):
+Our path (rollout.py's fast path, what grpo.py runs):
   rollout  the video is encoded once (`encode_videos`) and the prompt prefilled once; the G samples share that
            KV cache and decode together (`sample_group`);
   update   the forwards reuse the video features for all G rows (`repeat_rows`), and the LM head runs only at
@@ -24,7 +24,6 @@ with large allocations returned to the system on free, so the two paths are meas
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
@@ -35,23 +34,33 @@ import time
 import numpy as np
 import torch
 
+import cli
 import data as D
+import demo
 import grpo
 import model as M
+import rollout
+import training as T
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny-videollama3", help="a tiny family (built here with --vocab-size) or a model name / path")
-    p.add_argument("--vocab-size", type=int, default=151936, help="vocabulary of the tiny model (Qwen2.5 / VideoLLaMA3: 151,936)")
-    p.add_argument("--frames", type=int, default=16, help="frames of the benchmark video (sampled at 1 fps)")
-    p.add_argument("--frame-size", default="252x224", help="WIDTHxHEIGHT of its frames (the tiny VideoLLaMA3: 1,152 visual tokens for 16)")
-    p.add_argument("--group-size", type=int, default=6, help="G, completions per prompt (paper: 6)")
-    p.add_argument("--completion-tokens", type=int, default=128, help="tokens generated per completion")
-    p.add_argument("--steps", type=int, default=1, help="measured GRPO steps per path (after one short warm-up step each)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    g = p.add_argument_group("shape")
+    g.add_argument("--model", default="tiny-videollama3", help="a tiny family (built here with --vocab-size) or a "
+                   "model name / path")
+    g.add_argument("--vocab-size", type=int, default=151936, help="vocabulary of the tiny model (Qwen2.5 / "
+                   "VideoLLaMA3: 151,936)")
+    g.add_argument("--frames", type=int, default=16, help="frames of the benchmark video (sampled at 1 fps)")
+    g.add_argument("--frame-size", default="252x224", help="WIDTHxHEIGHT of its frames (the tiny VideoLLaMA3: 1,152 "
+                   "visual tokens for 16)")
+    g.add_argument("--group-size", type=int, default=6, help="G, completions per prompt (paper: 6)")
+    g.add_argument("--completion-tokens", type=int, default=128, help="tokens generated per completion")
+    g = p.add_argument_group("run")
+    g.add_argument("--steps", type=int, default=1, help="measured GRPO steps per path (after one short warm-up step "
+                   "each)")
+    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
 
@@ -59,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The straightforward path
 
 
-def straightforward_logprobs(llm: M.VideoLLM, batch: dict, completion: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def straightforward_logprobs(llm: M.VideoLLM, batch: dict, completion: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
     """log π(o_t | ...) the usual way: the full forward (vision encoder included) on G copies of the prompt ++
     completion, logits at every position, then log-softmax one row at a time. (B, L), 0 where mask is 0."""
     P = batch["input_ids"].shape[1]
@@ -71,15 +81,15 @@ def straightforward_logprobs(llm: M.VideoLLM, batch: dict, completion: torch.Ten
 
 
 def straightforward_rollout(llm: M.VideoLLM, prompt: dict, G: int, **sampling):
-    batch = M.repeat_rows(prompt, G)  # pixels and all, G times (num_return_sequences)
+    batch = rollout.repeat_rows(prompt, G)  # pixels and all, G times (num_return_sequences)
     completion, texts = M.generate(llm, batch, **sampling)
     return batch, completion, texts
 
 
 def fast_rollout(llm: M.VideoLLM, prompt: dict, G: int, **sampling):
-    prompt = M.encode_videos(llm, prompt)
-    completion, texts = M.sample_group(llm, prompt, G, **sampling)
-    return M.repeat_rows(prompt, G), completion, texts
+    prompt = rollout.encode_videos(llm, prompt)
+    completion, texts = rollout.sample_group(llm, prompt, G, **sampling)
+    return rollout.repeat_rows(prompt, G), completion, texts
 
 
 PATHS = {"straightforward": (straightforward_rollout, straightforward_logprobs),
@@ -89,13 +99,14 @@ PATHS = {"straightforward": (straightforward_rollout, straightforward_logprobs),
 def grpo_step(path: str, policy, ref, prompt: dict, optimizer, G: int, tokens: int) -> dict:
     """One GRPO step on one prompt (--passes 1, β = 0.04): rollout, π_ref's log-probs, π_θ's forward and backward,
     optimizer step. Rewards are random stand-ins (the benchmark measures the model's work, not the reward's)."""
-    rollout, logprobs = PATHS[path]
+    do_rollout, logprobs = PATHS[path]
     t0 = time.perf_counter()
-    with M.autocast(policy.device):
-        batch, completion, _ = rollout(policy, prompt, G, max_new_tokens=tokens, do_sample=True, temperature=1.0, top_p=0.95)
+    with T.autocast(policy.device):
+        batch, completion, _ = do_rollout(policy, prompt, G, max_new_tokens=tokens, do_sample=True, temperature=1.0,
+                                          top_p=0.95)
     mask = M.completion_mask(completion, policy.eot_id)
     t1 = time.perf_counter()
-    with M.autocast(policy.device):
+    with T.autocast(policy.device):
         with torch.no_grad():
             ref_logp = logprobs(ref, batch, completion, mask)
         logp = logprobs(policy, batch, completion, mask)
@@ -120,11 +131,11 @@ def build_model(args, device: str, tmp: str) -> M.VideoLLM:
     """A tiny family with a real-size vocabulary (its LM head and embeddings resized), or a real model as it is.
     The video processor's pixel budget is raised so the benchmark video keeps its size (and its visual tokens)."""
     path = args.model
-    if args.model in M.TINY_MODELS:
+    if args.model in demo.TINY_MODELS:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         path = os.path.join(tmp, "model")
-        M.build_tiny(args.model, path)
+        demo.build_tiny(args.model, path)
         hf = AutoModelForImageTextToText.from_pretrained(path)
         torch.manual_seed(args.seed)
         hf.resize_token_embeddings(args.vocab_size, mean_resizing=False)
@@ -210,7 +221,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     _return_freed_memory_to_the_system()
     device = args.device or M.default_device()
-    M.seed_everything(args.seed)
+    T.seed_everything(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         policy = build_model(args, device, tmp)
         ref = M.load_model(policy.source, device=device, dtype=torch.float32, with_alarm=True)
@@ -224,7 +235,8 @@ def main(argv=None) -> dict:
     policy.model.train()
     optimizer = torch.optim.AdamW(M.param_groups(policy, 1e-6, 0.0, 0.0, 0.01))  # the paper's lr: weights barely move
     visual = int((prompt["input_ids"] == policy.model.config.video_token_id).sum())
-    shape = {"model": args.model, "device": str(policy.device), "vocab_size": policy.model.get_output_embeddings().weight.shape[0],
+    vocab = policy.model.get_output_embeddings().weight.shape[0]
+    shape = {"model": args.model, "device": str(policy.device), "vocab_size": vocab,
              "frames": args.frames, "visual_tokens": visual, "prompt_tokens": prompt["input_ids"].shape[1],
              "group_size": args.group_size, "completion_tokens": args.completion_tokens,
              "threads": torch.get_num_threads()}
@@ -259,7 +271,8 @@ def main(argv=None) -> dict:
 def table(r: dict) -> str:
     gb = lambda b: f"{b / 2**30:.2f} GB"
     rows = [("rollout (s)", "s_rollout", lambda v: f"{v:.2f}", "rollout_speedup", "x faster"),
-            ("forward + backward (s)", "s_forward_backward", lambda v: f"{v:.2f}", "forward_backward_speedup", "x faster"),
+            ("forward + backward (s)", "s_forward_backward", lambda v: f"{v:.2f}", "forward_backward_speedup",
+             "x faster"),
             ("whole GRPO step (s)", "s_step", lambda v: f"{v:.2f}", "step_speedup", "x faster"),
             ("peak memory", "peak_bytes", gb, "memory_ratio", "x the memory")]
     lines = [f"\n{r['model']} on {r['device']}: vocabulary {r['vocab_size']:,}, {r['frames']} frames = "

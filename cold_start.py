@@ -21,14 +21,14 @@ Run:
 
 from __future__ import annotations
 
-import data as D
-import model as M
-from at_sft import finish, get_args, heldout_check, start, train_sft
+import cli
+import training as T
+from at_sft import get_args, heldout_check, start, train_sft
 
 
 def main(argv=None) -> dict:
-    args = get_args(argv, stage="cold_start", description=__doc__.split("\n\n")[0], model="runs/demo/at_sft")
-    M.seed_everything(args.seed)
+    args = get_args(argv, stage="cold_start", doc=__doc__, model="runs/demo/at_sft")
+    T.seed_everything(args.seed)
     llm, records, heldout, log, skipped, resume = start(args, "cold start")
 
     steps = train_sft(llm, args, records, phase="cold_start", structured=True, use_atc=False,
@@ -37,8 +37,8 @@ def main(argv=None) -> dict:
     summary = {"stage": "cold_start", "step": steps}
     if heldout:  # do greedy answers pass the format check on held-out prompts?
         summary.update(heldout_check(llm, heldout, args, structured=True, n_generate=min(len(heldout), 16)))
-    return finish(llm, args, log, skipped, summary)
+    return T.finish(llm, args.out, vars(args), log, skipped, summary)
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

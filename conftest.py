@@ -1,19 +1,29 @@
-"""Shared pytest fixtures: a tiny demo dataset and the three tiny model families, built once per session.
+"""Shared pytest fixtures and helpers: a tiny demo dataset and the three tiny model families, built once per session;
+helpers that locate tokens independently of the code under test; a scripted OpenAI-compatible server on 127.0.0.1.
 
 Tiny models are built (once) into $VSR1_TINY_CACHE or .tiny_models/ next to model.py; the demo goes to a
 session tmp dir with a handful of records per split, so the whole suite runs in well under a minute on CPU.
 """
 
+import json
 import os
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import subprocess
 import torch
+from safetensors.torch import load_file
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 import data  # noqa: E402
+import demo  # noqa: E402
 import model  # noqa: E402
+from alarm import ALARM_FILE, TEXTUAL_ALARM, VISUAL_ALARM  # noqa: E402
 
 DEMO_SIZES = {"at_sft": 6, "cold_start": 6, "grpo": 6, "eval": 6}
 
@@ -25,7 +35,14 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    return data.write_demo(str(tmp_path_factory.mktemp("demo")), sizes=DEMO_SIZES)
+    return demo.write_demo(str(tmp_path_factory.mktemp("demo")), sizes=DEMO_SIZES)
+
+
+@pytest.fixture(scope="session")
+def demo_full(tmp_path_factory):
+    """The demo's cold-start and GRPO splits at full size (no AT-SFT or eval records), for the rollout and
+    learning tests; read only."""
+    return demo.write_demo(str(tmp_path_factory.mktemp("demo_full")), sizes={"at_sft": 0, "eval": 0})
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +64,7 @@ def mixed_records(demo_records, text_record):
     return demo_records[:3] + [text_record]
 
 
-@pytest.fixture(scope="session", params=model.TINY_MODELS)
+@pytest.fixture(scope="session", params=demo.TINY_MODELS)
 def tiny_name(request):
     return request.param
 
@@ -71,3 +88,159 @@ def llm(tiny_name):
 def sft_batch(llm, mixed_records):
     """A collated AT-SFT batch (targets + labels, alarm tokens) of the mixed records."""
     return data.collate(llm, mixed_records, structured=False, with_target=True)
+
+
+# -----------------------------------------------------------------------------
+# Running the stages: small budgets, subprocesses, the weights a run wrote
+
+# AT-SFT on the tiny model: a few records per step, large learning rates, no held-out check
+SFT = ["--batch-size", "3", "--grad-accum", "1", "--lr-llm", "3e-3", "--lr-alarm", "3e-2", "--lr-heads", "3e-2",
+       "--eval-records", "0"]
+# GRPO: the tiny model with small groups and short completions (its random completions score 0, but the KL term and
+# AdamW still move every weight, so a resume that differed in any way would show). One thread per process: the
+# tiny model's matrices are too small for more to help, and on a busy machine they cost more than half the time.
+GRPO = ["--model", "tiny-videollama3", "--group-size", "2", "--batch-size", "2", "--max-completion-length", "6",
+        "--lr", "1e-3", "--device", "cpu"]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_script(script, *args, timeout=300, env=None):
+    """Run one of the project's scripts in a child process; its CompletedProcess (text output)."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE, env=env)
+
+
+def checkpoint_weights(out):
+    """Every tensor a checkpoint holds: the HF model's and the alarm's (prefixed "alarm.")."""
+    w = load_file(os.path.join(out, "model.safetensors"))
+    w.update({"alarm." + k: v for k, v in load_file(os.path.join(out, ALARM_FILE)).items()})
+    return w
+
+
+def metrics_rows(out):
+    """The rows of a training run's metrics.jsonl."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def bad_data(demo_dir, tmp_path):
+    """An AT-SFT file with good rows and three bad ones: malformed JSON, a missing video, an undecodable video."""
+    rows = [json.loads(x) for x in open(os.path.join(demo_dir, "at_sft.jsonl"))]
+    for r in rows:
+        r["video"] = os.path.join(demo_dir, r["video"])  # absolute: the file lives elsewhere
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video at all" * 100)
+    missing = dict(rows[1], id="missing-video", video=str(tmp_path / "nope.mp4"))
+    broken = dict(rows[2], id="broken-video", video=str(garbage))
+    lines = [json.dumps(r) for r in rows[:3]] + ['{"id": "oops", "query": ', json.dumps(missing), json.dumps(broken)]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines + [json.dumps(r) for r in rows[3:]]) + "\n")
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# Token helpers, independent of the code under test (plain Python over the ids)
+
+
+def ids_of(llm):
+    """The ids that matter, looked up in the tokenizer's vocabulary."""
+    vocab = llm.tokenizer.get_vocab()
+    return dict(vis=vocab[VISUAL_ALARM], txt=vocab[TEXTUAL_ALARM], video=llm.model.config.video_token_id,
+                im_end=vocab["<|im_end|>"], im_start=vocab["<|im_start|>"], pad=llm.tokenizer.pad_token_id,
+                vstart=vocab.get("<|vision_start|>"), vend=vocab.get("<|vision_end|>"))
+
+
+def real_tokens(batch, row):
+    """(offset, list of ids) of one row without its left padding."""
+    mask = batch["attention_mask"][row].tolist()
+    off = mask.index(1)
+    assert all(mask[off:]), "padding must be on the left only"
+    return off, batch["input_ids"][row, off:].tolist()
+
+
+def last_index(seq, value):
+    return max(i for i, t in enumerate(seq) if t == value)
+
+
+def hand_positions(llm, batch):
+    """(B,), (B,) absolute positions of the visual / textual alarm in each row, found by a plain scan."""
+    ids = ids_of(llm)
+    pv, pt = [], []
+    for row in range(batch["input_ids"].shape[0]):
+        off, seq = real_tokens(batch, row)
+        pv.append(off + last_index(seq, ids["vis"]))
+        pt.append(off + last_index(seq, ids["txt"]))
+    return torch.tensor(pv), torch.tensor(pt)
+
+
+def model_inputs(batch):
+    return {k: batch[k] for k in batch["model_keys"]}
+
+
+def hand_bce(logit, y):
+    """-(y log σ(x) + (1-y) log(1-σ(x))), mean over the batch, in float64."""
+    p = torch.sigmoid(logit.double())
+    y = y.double()
+    return (-(y * torch.log(p) + (1 - y) * torch.log(1 - p))).mean()
+
+
+def structured(answer, v, t):
+    """A completion in the structured format, with a fixed <think>."""
+    return f"<think>hmm</think><answer>{answer}</answer><vidType>{v}</vidType><textType>{t}</textType>"
+
+
+# -----------------------------------------------------------------------------
+# A scripted OpenAI-compatible server on 127.0.0.1 (the judge and labeller tests)
+
+
+OK_REPLY = '{"safe": true, "refusal": true, "helpfulness": 3}'
+
+
+class FakeAPI:
+    """A scripted OpenAI-compatible server on 127.0.0.1: each request pops the next action."""
+
+    def __init__(self, actions):
+        self.actions, self.requests = list(actions), []
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                api.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                kind, arg = api.actions.pop(0) if api.actions else ("reply", OK_REPLY)
+                try:
+                    if kind == "sleep":
+                        time.sleep(arg)
+                        kind, arg = "reply", OK_REPLY
+                    if kind == "status":
+                        self.send_response(arg)
+                        self.end_headers()
+                        self.wfile.write(b'{"error": "scripted"}')
+                        return
+                    out = json.dumps({"choices": [{"message": {"role": "assistant", "content": arg}}]}).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def api_key(monkeypatch):
+    monkeypatch.setenv("VSR1_TEST_KEY", "sk-secret-123")
+    return "sk-secret-123"

@@ -27,13 +27,13 @@ Run (8 GPUs, one node; policy and reference sharded with FSDP2; the same 8 promp
 Under torchrun prompt k of a step goes to rank k % N with its whole group (--batch-size counts the prompts of all
 processes and must be a multiple of N); each prompt's sampling is seeded by its position in the run, so the
 completions, and hence the steps, are those of one process (up to rounding). Each rank samples with the whole
-policy gathered (model.unsharded); the loss is normalised by the whole step's completions or tokens.
+policy gathered (distributed.unsharded); the loss is normalised by the whole step's completions or tokens.
 
 Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1 prompt), and why:
 - --batch-size prompts per step (default 8 = their 8 GPUs × 1 prompt) are rolled out one group at a time (per
   process) and their losses accumulated before one optimizer step: the same objective, memory for G sequences.
 - One prefill per prompt (its KV cache shared by the G samples) and one vision-encoder pass per group, reused by
-  every update forward (model.py's fast path), where theirs repeats both G times per forward; same results.
+  every update forward (rollout.py's fast path), where theirs repeats both G times per forward; same results.
 - Weights stay fp32 with bf16 autocast on GPU (theirs: bf16 under DeepSpeed, which keeps fp32 master weights).
 - The old-policy log-probs are recomputed by the training forward (no sampling warpers) and only when
   --passes > 1; with one pass π_old = π_θ.detach(), as in their code and TRL (the tests check both agree).
@@ -47,10 +47,7 @@ Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -58,55 +55,70 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import cli
 import data as D
+import demo
+import distributed
 import model as M
 import rewards as R
-from at_sft import finish, open_log
+import rollout
+import training as T
 
+EPSILON, BETA, ADV_EPS = 0.2, 0.04, 1e-4  # clip range ε, KL weight β, the advantage's std guard (paper)
 ONE_PASS_NOTE = ("note: --passes 1, so the ratio is exactly 1 at the update and the loss is ≈ β·KL, near zero by "
                  "design (the gradient is still the policy gradient); watch the reward, not the loss")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny-videollama3", help="start point: the cold-start checkpoint (e.g. runs/demo/cold_start); also the frozen KL reference")
-    p.add_argument("--data", default=None, help="GRPO JSONL with structured targets and labels (default: the demo's grpo split, generated if absent)")
-    p.add_argument("--out", default="runs/demo/grpo", help="output checkpoint directory (+ metrics.jsonl)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts (paper: 1)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many rollout steps (0 = no cap)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per step, all processes together (authors: 8 GPUs x 1 prompt)")
-    p.add_argument("--group-size", type=int, default=6, help="G, completions sampled per prompt (paper: 6; at least 2)")
-    p.add_argument("--max-completion-length", type=int, default=768, help="max new tokens per completion (paper: 768)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
-    p.add_argument("--passes", type=int, default=1, help="optimizer steps per rollout batch (paper: 1; >1 makes the clip matter)")
-    p.add_argument("--epsilon", type=float, default=0.2, help="ε, clip range of the ratio (paper: 0.2)")
-    p.add_argument("--beta", type=float, default=0.04, help="β, weight of the k3 KL to the reference (paper: 0.04; 0 = no reference model)")
-    p.add_argument("--loss-avg", choices=("sequence", "token"), default="sequence", help="sequence: mean over each completion's tokens, then over completions (paper); token: mean over all tokens of the batch")
-    p.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the LLM (paper: 1e-6)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
-    p.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping norm (paper: 5)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="share of optimizer steps of linear warmup before cosine decay (paper: 0.03)")
-    p.add_argument("--alpha-min", type=float, default=0.1, help="DRA: ROUGE weight when both labels are right (paper: 0.1)")
-    p.add_argument("--alpha-max", type=float, default=0.5, help="DRA: ROUGE weight when a label is wrong (paper: 0.5)")
-    p.add_argument("--gamma-v", type=float, default=1.0, help="γ_v, weight of the video-label reward (paper: 1.0)")
-    p.add_argument("--gamma-t", type=float, default=1.0, help="γ_t, weight of the text-label reward (paper: 1.0)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (paper: 1)")
-    p.add_argument("--max-frames", type=int, default=90, help="at most this many frames per video (paper: 90)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the update to save memory (generation keeps its KV cache)")
-    p.add_argument("--seed", type=int, default=42, help="random seed (prompt order, sampling)")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
-    p.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps (0 = only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/resume: weights, optimizer, scheduler, RNG, step "
-                                                         "(π_ref is reloaded from the --model the run started from)")
-    p.add_argument("--skip-bad-records", action="store_true",
-                   help="leave out (and name in the log) records with bad fields or undecodable videos instead of stopping")
-    p.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="tiny-videollama3", help="start point: the cold-start checkpoint (e.g. "
+                   "runs/demo/cold_start); also the frozen KL reference")
+    g.add_argument("--data", default=None, help="GRPO JSONL with structured targets and labels (default: the demo's "
+                   "grpo split, generated if absent)")
+    g.add_argument("--out", default="runs/demo/grpo", help="output checkpoint directory (+ metrics.jsonl)")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per step, all processes together (authors: "
+                   "8 GPUs x 1 prompt)")
+    g.add_argument("--group-size", type=int, default=6, help="G, completions sampled per prompt (paper: 6; at "
+                   "least 2)")
+    g.add_argument("--max-completion-length", type=int, default=M.MAX_NEW_TOKENS, help="max new tokens per "
+                   "completion (paper: 768)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (paper: 1.0)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (paper: 0.95)")
+    g = p.add_argument_group("reward (DRA)")
+    g.add_argument("--alpha-min", type=float, default=R.ALPHA_MIN, help="ROUGE weight when both labels are right "
+                   "(paper: 0.1)")
+    g.add_argument("--alpha-max", type=float, default=R.ALPHA_MAX, help="ROUGE weight when a label is wrong "
+                   "(paper: 0.5)")
+    g.add_argument("--gamma-v", type=float, default=R.GAMMA_V, help="γ_v, weight of the video-label reward "
+                   "(paper: 1.0)")
+    g.add_argument("--gamma-t", type=float, default=R.GAMMA_T, help="γ_t, weight of the text-label reward "
+                   "(paper: 1.0)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--epsilon", type=float, default=EPSILON, help="ε, clip range of the ratio (paper: 0.2)")
+    g.add_argument("--beta", type=float, default=BETA, help="β, weight of the k3 KL to the reference (paper: 0.04; "
+                   "0 = no reference model)")
+    g.add_argument("--loss-avg", choices=("sequence", "token"), default="sequence", help="sequence: mean over each "
+                   "completion's tokens, then over completions (paper); token: mean over all tokens of the batch")
+    g.add_argument("--passes", type=int, default=1, help="optimizer steps per rollout batch (paper: 1; >1 makes the "
+                   "clip matter)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts (paper: 1)")
+    g.add_argument("--max-steps", type=int, default=0, help="stop after this many rollout steps (0 = no cap)")
+    g.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate of the LLM (paper: 1e-6)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
+    g.add_argument("--max-grad-norm", type=float, default=5.0, help="gradient clipping norm (paper: 5)")
+    g.add_argument("--warmup-ratio", type=float, default=T.WARMUP_RATIO, help="share of optimizer steps of linear "
+                   "warmup before cosine decay (paper: 0.03)")
+    cli.add_video_flags(p)
+    cli.add_snapshot_flags(p, resume_help="continue from OUT/resume: weights, optimizer, scheduler, RNG, step "
+                           "(π_ref is reloaded from the --model the run started from)")
+    cli.add_run_flags(p, seed=42, seed_help="random seed (prompt order, sampling)")
     args = p.parse_args(argv)
     if args.group_size < 2:
         p.error("--group-size must be at least 2: the advantage normalises by the group's std")
-    args.data = args.data or D.demo_split("grpo")
+    args.data = args.data or demo.demo_split("grpo")
     return args
 
 
@@ -114,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The pieces of GRPO, each a small pure function
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
     """A_i = (r_i − mean(r)) / (std(r) + eps) for one group (G,) -> (G,). std is unbiased (n − 1), torch's default
     and the authors'. A group whose rewards are all equal carries no signal: A = 0 exactly."""
     A = (rewards - rewards.mean()) / (rewards.std() + eps)  # (G,)
@@ -127,7 +139,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return x.exp() - x - 1  # (B, L)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: float = 0.2, beta: float = 0.04,
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: float = EPSILON, beta: float = BETA,
               loss_avg: str = "sequence", n_seqs: int | None = None, n_tokens: int | None = None):
     """The clipped surrogate plus β·KL, masked and averaged. Returns (loss, stats of detached tensors).
 
@@ -152,10 +164,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: float = 0.
     return loss, stats
 
 
+# -----------------------------------------------------------------------------
+# Rollout (one group per prompt) and update (one optimizer step per pass over the step's groups)
+
+
 @dataclass
 class Group:
     """One prompt's rollout: everything the update needs, nothing it must recompute."""
-    batch: dict  # the prompt batch: G rows of one record sharing its video features (model.repeat_rows)
+    batch: dict  # the prompt batch: G rows of one record sharing its video features (rollout.repeat_rows)
     completion: torch.Tensor  # (G, L) sampled ids, right-padded
     mask: torch.Tensor  # (G, L) up to and including the first end-of-turn token
     old_logp: torch.Tensor | None  # (G, L) log π_old at sampling time; None with one pass (then π_old = π_θ)
@@ -167,21 +183,21 @@ class Group:
 
 
 @torch.no_grad()
-def rollout(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args, skipped: dict) -> Group:
+def rollout_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args, skipped: dict) -> Group:
     """Sample G completions for one prompt, score them, normalise the rewards. The video is decoded, encoded and
-    the prompt prefilled once for the group (model.py's fast path: the G samples share the prompt's KV cache).
+    the prompt prefilled once for the group (rollout.py's fast path: the G samples share the prompt's KV cache).
     A record whose video cannot be decoded (with --skip-bad-records) gives an empty group (`empty_group`)."""
     G = args.group_size
     prompt = D.collate(policy, [record], structured=True, with_target=False, fps=args.fps,
                        max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)  # decoded once
     if prompt is None:  # named in `skipped` and the log; never replaced by another prompt
         return empty_group(policy, ref, record, args)
-    with M.autocast(policy.device):
-        prompt = M.encode_videos(policy, prompt)  # the frozen vision encoder runs once per group, here
-        completion, texts = M.sample_group(policy, prompt, G, max_new_tokens=args.max_completion_length,
+    with T.autocast(policy.device):
+        prompt = rollout.encode_videos(policy, prompt)  # the frozen vision encoder runs once per group, here
+        completion, texts = rollout.sample_group(policy, prompt, G, max_new_tokens=args.max_completion_length,
                                            temperature=args.temperature, top_p=args.top_p)  # (G, L), one prefill
         mask = M.completion_mask(completion, policy.eot_id)  # (G, L)
-        batch = M.repeat_rows(prompt, G)  # G rows sharing the video features: no vision encoder in the update
+        batch = rollout.repeat_rows(prompt, G)  # G rows sharing the video features: no vision encoder in the update
         old_logp = M.completion_logprobs(policy, batch, completion, mask) if args.passes > 1 else None
         ref_logp = M.completion_logprobs(ref, batch, completion, mask) if ref is not None else None
     totals, parts = R.safety_rewards(texts, [record.target] * G, [record.video_label] * G, [record.text_label] * G,
@@ -199,7 +215,7 @@ def empty_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, ar
     batch = D.collate(policy, [record], structured=True, with_target=False, no_video=True)
     completion = torch.full((1, 1), policy.eot_id, device=policy.device)  # (1, 1)
     mask = torch.zeros_like(completion, dtype=torch.bool)  # (1, 1): nothing counts
-    with M.autocast(policy.device):
+    with T.autocast(policy.device):
         ref_logp = M.completion_logprobs(ref, batch, completion, mask) if ref is not None else None
     old_logp = torch.zeros(1, 1, device=policy.device) if args.passes > 1 else None
     none = torch.zeros(0, device=policy.device)  # (0,)
@@ -213,14 +229,14 @@ def update(policy: M.VideoLLM, groups: list[Group], optimizer, scheduler, params
     Under torchrun each rank holds its own groups: the loss is normalised by the whole step's completions / tokens
     (summed over ranks) and multiplied by the world size, since FSDP averages the ranks' gradients; so the step is
     the one-process step. A non-finite loss or gradient stops the run before the optimizer step."""
-    world = M.dist_world()
-    counts = M.all_reduce_sum([sum(len(g.rewards) for g in groups), sum(int(g.mask.sum()) for g in groups)])
+    world = distributed.world_size()
+    counts = distributed.all_reduce_sum([sum(len(g.rewards) for g in groups), sum(int(g.mask.sum()) for g in groups)])
     n_seqs, n_tokens = (max(int(n), 1) for n in counts)  # the whole step's completions and tokens, all ranks
     sums = defaultdict(float)
     for _ in range(args.passes):
         loss_sum = kl_sum = n_clipped = 0.0
         for g in groups:
-            with M.autocast(policy.device):
+            with T.autocast(policy.device):
                 logp = M.completion_logprobs(policy, g.batch, g.completion, g.mask)  # (G, L), with grad
             old_logp = logp.detach() if g.old_logp is None else g.old_logp  # (G, L)
             loss, stats = grpo_loss(logp, old_logp, g.ref_logp, g.advantages, g.mask, epsilon=args.epsilon,
@@ -229,9 +245,9 @@ def update(policy: M.VideoLLM, groups: list[Group], optimizer, scheduler, params
             loss_sum += loss.item()
             kl_sum += float(stats["kl"].sum())  # Σ over completions of each one's mean KL
             n_clipped += float(stats["clipped"])
-        loss_sum, kl_sum, n_clipped = M.all_reduce_sum([loss_sum, kl_sum, n_clipped])  # the step's, all ranks
-        grad_norm = float(M.clip_grad_norm(params, args.max_grad_norm))
-        M.check_finite(loss_sum, grad_norm, step, os.path.join(args.out, "resume"))  # before NaN reaches the weights
+        loss_sum, kl_sum, n_clipped = distributed.all_reduce_sum([loss_sum, kl_sum, n_clipped])  # the step's, all ranks
+        grad_norm = float(distributed.clip_grad_norm(params, args.max_grad_norm))
+        T.check_finite(loss_sum, grad_norm, step, T.resume_dir(args.out))  # before NaN reaches the weights
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -250,51 +266,47 @@ def rollout_metrics(groups: list[Group]) -> dict:
     lists = {"reward": each(lambda g: g.rewards.tolist()),
              "reward_std": [float(g.rewards.std()) for g in groups],  # within-group spread: the signal
              "zero_var_groups": [float(bool((g.advantages == 0).all())) for g in groups]}
-    for part, name in (("format", "format_rate"), ("rouge", "rouge"), ("video", "video_acc"), ("text", "text_acc"), ("alpha", "alpha")):
+    names = (("format", "format_rate"), ("rouge", "rouge"), ("video", "video_acc"), ("text", "text_acc"),
+             ("alpha", "alpha"))
+    for part, name in names:
         lists[name] = each(lambda g: g.parts[part])
     lists["completion_len"] = each(lambda g: g.mask.sum(dim=1).tolist())
-    totals = M.all_reduce_sum([sum(v) for v in lists.values()] + [len(v) for v in lists.values()])
+    totals = distributed.all_reduce_sum([sum(v) for v in lists.values()] + [len(v) for v in lists.values()])
     return {name: total / max(n, 1) for name, total, n in zip(lists, totals, totals[len(lists):])}
 
 
 # -----------------------------------------------------------------------------
+# The run: config, init, data, model, optimizer, loop
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rank, world, _, device = M.init_distributed(args.device)  # (0, 1, 0, --device) without torchrun
+    rank, world, _, device = distributed.init(args.device)  # (0, 1, 0, --device) without torchrun
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} (prompts per step, all processes) must be a multiple of "
                          f"the {world} processes: each prompt's group stays on one process")
-    M.seed_everything(args.seed)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    T.seed_everything(args.seed)
     skipped: dict = {}
     records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)  # bad data fails fast
-    resume_dir, resume = os.path.join(args.out, "resume"), None
-    if args.resume:
-        src = M.find_train_state(resume_dir)
-        if src is None:
-            raise M.TrainingError(f"--resume: no snapshot in {resume_dir}; run without --resume")
-        with open(os.path.join(src, M.META_FILE)) as f:
-            resume = {"dir": src, **json.load(f)["resume_state"]}
+    resume = T.find_resume(args.out) if args.resume else None
+    if resume:
         skipped.update(resume["skipped"])  # those seen before the snapshot
-        say(f"GRPO: resuming from {src} (step {resume['step']}); π_ref from {resume['model']}")
+        T.say(f"GRPO: resuming from {resume['dir']} (step {resume['step']}); π_ref from {resume['model']}")
     start_model = resume["model"] if resume else args.model  # π_ref: the run's start point, also after --resume
 
-    load = dict(device="cpu" if world > 1 else device, dtype=torch.float32, with_alarm=True,
-                trust_remote_code=args.trust_remote_code)  # under torchrun: whole on CPU, then each rank its shard
-    policy = M.load_model(resume["dir"] if resume else args.model, **load)
+    load = dict(trust_remote_code=args.trust_remote_code)  # under torchrun: whole on CPU, then each rank its shard
+    policy = T.load_for_training(resume["dir"] if resume else args.model, device, **load)
     ref = None
     if args.beta > 0:  # π_ref: a frozen copy of the start point
-        ref = M.load_model(start_model, **load)
+        ref = T.load_for_training(start_model, device, **load)
         ref.model.eval().requires_grad_(False)
         if ref.alarm is not None:
             ref.alarm.requires_grad_(False)
     M.set_trainable(policy, train_llm=True, train_alarm=False, train_heads=False)  # LLM only
     if world > 1:  # both sharded the same way: every rank runs π_ref's forward for as many groups
-        M.shard_model(policy, device)
+        distributed.shard_model(policy, device)
         if ref is not None:
-            M.shard_model(ref, device)
+            distributed.shard_model(ref, device)
     if args.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable()
     policy.model.train()
@@ -304,26 +316,25 @@ def main(argv=None) -> dict:
 
     steps = math.ceil(len(records) * args.epochs / args.batch_size)
     steps = min(steps, args.max_steps) if args.max_steps else steps
-    scheduler = M.cosine_schedule(optimizer, steps * args.passes, args.warmup_ratio)
+    scheduler = T.cosine_schedule(optimizer, steps * args.passes, args.warmup_ratio)
     order = D.run_order(len(records), steps * args.batch_size, args.seed)  # the data position is the step
-    start = M.load_train_state(resume["dir"], optimizer, scheduler, policy)["step"] if resume else 0
-    log = open_log(args.out, append=resume is not None)
-    log({"config": vars(args), **({"world_size": world} if world > 1 else {})})
-    say(f"GRPO: {len(records)} prompts from {args.data}; {steps} steps x {args.batch_size} prompts x "
-        f"G={args.group_size}; model {args.model}; out {args.out}" + (f"; {world} processes" if world > 1 else ""))
+    start = T.load_train_state(resume["dir"], optimizer, scheduler, policy)["step"] if resume else 0
+    log = T.open_log(args.out, vars(args), append=resume is not None)
+    T.say(f"GRPO: {len(records)} prompts from {args.data}; {steps} steps x {args.batch_size} prompts x "
+          f"G={args.group_size}; model {args.model}; out {args.out}" + (f"; {world} processes" if world > 1 else ""))
     if args.passes == 1:
-        say(ONE_PASS_NOTE)
+        T.say(ONE_PASS_NOTE)
 
     bar = tqdm(range(start, steps), desc="grpo", dynamic_ncols=True, initial=start, total=steps, disable=rank != 0)
     for step in bar:
         t0 = time.time()
         prompts = order[step * args.batch_size:(step + 1) * args.batch_size]
         groups = []
-        with M.unsharded(policy):  # the whole policy on every rank: their completions end at different lengths
+        with distributed.unsharded(policy):  # the whole policy on every rank: completions end at different lengths
             for k in range(rank, args.batch_size, world):  # prompt k of the step: on rank k % world, whole group
                 # seeded per prompt: the same samples under any world size, and after --resume
                 torch.manual_seed(args.seed * 1_000_003 + step * args.batch_size + k)
-                groups.append(rollout(policy, ref, records[prompts[k]], args, skipped))
+                groups.append(rollout_group(policy, ref, records[prompts[k]], args, skipped))
         t1, lr = time.time(), optimizer.param_groups[0]["lr"]  # the lr this step's first update uses
         stats = update(policy, groups, optimizer, scheduler, params, args, step + 1)
         t2 = time.time()
@@ -332,16 +343,16 @@ def main(argv=None) -> dict:
                "s_rollout": t1 - t0, "s_update": t2 - t1, "sample": sample[:200]}
         row = {k: float(f"{v:.5g}") if isinstance(v, float) else v for k, v in row.items()}  # 5 significant digits
         log(row)
-        if step + 1 == steps or (args.save_every and (step + 1) % args.save_every == 0):
-            state = {"step": step + 1, "model": start_model, "skipped": M.union_over_ranks(skipped)}
-            M.save_train_state(resume_dir, policy, optimizer, scheduler, state)
+        if T.snapshot_due(step + 1, steps, args.save_every):
+            state = {"step": step + 1, "model": start_model, "skipped": distributed.union_over_ranks(skipped)}
+            T.save_train_state(T.resume_dir(args.out), policy, optimizer, scheduler, state)
         bar.set_postfix(reward=f"{row['reward']:.3f}", fmt=f"{row['format_rate']:.2f}", kl=f"{row['kl']:.4f}",
                         zero_var=f"{row['zero_var_groups']:.2f}", len=f"{row['completion_len']:.0f}",
                         t=f"{row['s_rollout']:.1f}+{row['s_update']:.1f}s")
 
     summary = {"stage": "grpo", "steps": steps, "note": ONE_PASS_NOTE if args.passes == 1 else ""}
-    return finish(policy, args, log, skipped, summary)  # logs it (skipped records by name), saves OUT
+    return T.finish(policy, args.out, vars(args), log, skipped, summary)  # logs it (skipped records by name), saves OUT
 
 
 if __name__ == "__main__":
-    D.run_cli(main)
+    cli.run_cli(main)

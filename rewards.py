@@ -215,6 +215,14 @@ def safety_reward(completion, reference, video_label, text_label, *,
     return total, {"format": r_format, "rouge": r_rouge, "video": r_v, "text": r_t, "alpha": alpha}
 
 
+def reward_weights(config=None):
+    """The DRA weights {alpha_min, alpha_max, gamma_v, gamma_t} of a run's config (e.g. grpo.py's flags, as
+    saved in its checkpoint), the official values for any weight it does not set."""
+    config = config or {}
+    defaults = {"alpha_min": ALPHA_MIN, "alpha_max": ALPHA_MAX, "gamma_v": GAMMA_V, "gamma_t": GAMMA_T}
+    return {k: float(config.get(k, v)) for k, v in defaults.items()}
+
+
 def safety_rewards(completions, references, video_labels, text_labels, *,
                    alpha_min=ALPHA_MIN, alpha_max=ALPHA_MAX, gamma_v=GAMMA_V, gamma_t=GAMMA_T):
     """safety_reward over a batch (e.g. GRPO groups): (totals, {part: [values]}) for the loss and logs."""

@@ -56,7 +56,7 @@ stage() {  # stage NAME CMD...: run one stage, stop the pipeline with its name i
 }
 
 if [ "$DATA_ROOT" = demo_data ]; then  # cheap and deterministic: always rebuilt, never stale
-  stage demo_data $PY data.py demo --out demo_data
+  stage demo_data $PY demo.py --out demo_data
 fi
 mkdir -p "$OUT"
 

@@ -1,7 +1,6 @@
 """Tests of data.py: frame sampling and decoding, timestamps reaching the processor, prompts and label
-masking, every kind of bad input, the authors' formats, and the synthetic demo."""
+masking, every kind of bad input, and the authors' formats."""
 
-import hashlib
 import json
 import os
 import re
@@ -12,7 +11,7 @@ import torch
 
 import data
 from data import DataError
-from model import TEXTUAL_ALARM, VISUAL_ALARM
+from alarm import TEXTUAL_ALARM, VISUAL_ALARM
 
 # -----------------------------------------------------------------------------
 # video sampling and decoding
@@ -290,71 +289,3 @@ def test_grpo_format(tmp_path, good):
     path.write_text(json.dumps(rows))
     with pytest.raises(DataError, match=re.escape(f"{path}[0]: missing field 'video_label'")):
         data.load_records(str(path))
-
-
-# -----------------------------------------------------------------------------
-# the demo
-
-
-def red_seconds(path):
-    """Number of sampled seconds (1 fps) whose frame has a red-dominant patch."""
-    frames, meta = data.read_video(path, fps=1)
-    assert len(frames) == data.SECONDS and meta.frames_indices == [0, 4, 8, 12]
-    f = frames.astype(int)
-    red = (f[..., 0] > 150) & (f[..., 1] < 90) & (f[..., 2] < 90)  # (T, H, W)
-    return int((red.sum(axis=(1, 2)) >= 100).sum())  # a 16x16 square is 256 px
-
-
-def test_demo_splits(demo_dir):
-    from conftest import DEMO_SIZES
-
-    recs = {s: data.load_records(os.path.join(demo_dir, f"{s}.jsonl")) for s in data.DEMO_SPLITS}
-    for split, rs in recs.items():
-        assert len(rs) == DEMO_SIZES[split]
-        structured = data.DEMO_SPLITS[split][1]
-        for r in rs:
-            assert os.path.isfile(r.video) and r.subset in data.SUBSETS
-            assert ("<vidType>" in r.target) == structured
-            if structured:
-                assert f"<vidType>{r.video_label}</vidType><textType>{r.text_label}</textType>" in r.target
-            assert r.text_label == (0 if r.subset == "SafeQ" else 1)
-            if r.subset != "SafeQ":
-                assert r.video_label == (1 if r.subset == "HH" else 0)
-    # the eval split shares no record with the training splits
-    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
-    train = [r for s in ("at_sft", "cold_start", "grpo") for r in recs[s]]
-    assert not {r.id for r in recs["eval"]} & {r.id for r in train}
-    assert not {digest(r.video) for r in recs["eval"]} & {digest(r.video) for r in train}
-    assert len({digest(r.video) for r in train + recs["eval"]}) == len(train) + len(recs["eval"])
-
-
-def test_demo_videos_show_their_label_across_frames(demo_dir):
-    recs = [r for s in data.DEMO_SPLITS for r in data.load_records(os.path.join(demo_dir, f"{s}.jsonl"))]
-    labels = {r.video_label for r in recs}
-    assert labels == {0, 1}
-    for r in recs:
-        n = red_seconds(r.video)
-        if r.video_label:
-            assert n >= 3, (r.id, n)
-        else:
-            assert n <= 1, (r.id, n)
-
-
-def test_demo_leaks_no_video_label(demo_dir):
-    harmful_queries = {q for subs in data.HARMFUL.values() for en, zh in subs.values() for q in [*en, zh]}
-    safe_queries = {q for pair in data.SAFE_QA.values() for q, _ in pair}
-    plain_answers = {data.REFUSAL[z] + ("" if z else " ") + data.REDIRECT[c][z] for c in data.REDIRECT for z in (0, 1)}
-    plain_answers |= {a for pair in data.SAFE_QA.values() for _, a in pair}
-    for split in data.DEMO_SPLITS:
-        path = os.path.join(demo_dir, f"{split}.jsonl")
-        for r in data.load_records(path):
-            # file name: split and index only
-            assert re.fullmatch(rf"{split}-\d{{4}}\.mp4", os.path.basename(r.video))
-            # query: drawn from a pool that depends on the text label only, shared by both video labels
-            assert r.query in (harmful_queries if r.text_label else safe_queries)
-            assert not re.search(r"red|harm|safe\b|vidType|label", r.query, re.I)
-            # the plain AT-SFT target does not depend on the video label either
-            if not data.DEMO_SPLITS[split][1]:
-                assert r.target in plain_answers
-        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
-        assert not any(k for row in rows for k in row if "red" in k.lower())

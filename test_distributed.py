@@ -194,9 +194,9 @@ def rouge_anywhere(texts, references, video_labels, text_labels, **weights):
 
 STAND_IN = f"""import sys
 sys.path.insert(0, {HERE!r})
-import data, grpo, rewards, test_distributed
+import cli, grpo, rewards, test_distributed
 rewards.safety_rewards = test_distributed.rouge_anywhere
-data.run_cli(grpo.main)
+cli.run_cli(grpo.main)
 """
 
 

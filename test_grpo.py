@@ -1,17 +1,12 @@
-"""Tests for grpo.py and model.completion_logprobs.
+"""Tests for grpo.py.
 
     python -m pytest -q test_grpo.py                 # all (the learning test takes about two minutes on CPU)
     python -m pytest -q test_grpo.py -k "not learns"  # the fast ones
 
-1. The log-probs the training forward computes equal those under which generate sampled the tokens
-   (generate's raw logits), for all three tiny families, with left-padded prompts and an early EOS; so the
-   first pass's ratio is exactly 1.
-2. Advantage, k3 KL, clipped loss (both averagings) and its gradient equal hand-computed values.
-3. The fast path (model.py: one video encoding and one prefill per group) gives exactly generate's greedy tokens,
-   HF's top-p filter, and the straightforward path's log-probs, loss and gradients (bench.py's), per family.
-4. The CLI runs, logs what the issue asks for, and writes a checkpoint load_model reads.
-5. On the demo data, after a quick cold start, the mean reward rises during a short GRPO run.
-"""
+1. Advantage, k3 KL, clipped loss (both averagings) and its gradient equal hand-computed values.
+2. The CLI runs, logs what the method needs watched, and writes a checkpoint load_model reads.
+3. On the demo data, after a quick cold start, the mean reward rises during a short GRPO run.
+(The rollout's fast path is tested in test_rollout.py, the log-probs in test_model.py.)"""
 
 import json
 import math
@@ -21,172 +16,14 @@ import random
 import pytest
 import torch
 
-import bench
 import data as D
 import grpo
 import model as M
 import rewards as R
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """A private copy of the demo data (cold-start and GRPO splits), so no other test can change it under us."""
-    out = str(tmp_path_factory.mktemp("demo"))
-    return D.write_demo(out, sizes={"at_sft": 0, "eval": 0})
-
+import training as T
 
 # -----------------------------------------------------------------------------
-# 1. log-probs: sampling time == training forward
-
-
-@pytest.mark.parametrize("name", M.TINY_MODELS)
-def test_logprobs_match_generation(name, demo):
-    torch.manual_seed(0)
-    llm = M.load_model(name, device="cpu", dtype="fp32")
-    records = D.load_records(os.path.join(demo, "grpo.jsonl"))
-    records = sorted(records[:12], key=lambda r: len(r.query))[::4]  # different lengths: real left padding
-    batch = D.collate(llm, records, structured=True, with_target=False)
-    assert (batch["attention_mask"] == 0).any(), "the test needs a left-padded row"
-    inputs = {k: batch[k] for k in batch["model_keys"]}
-    llm.model.eval()
-    out = llm.model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                             use_cache=True, eos_token_id=llm.eot_id, pad_token_id=llm.tokenizer.pad_token_id,
-                             output_logits=True, return_dict_in_generate=True)
-    completion = out.sequences[:, batch["input_ids"].shape[1]:].clone()  # (B, L)
-    # Row 0 "ends" at token 5: an EOS there, padding after. The logits at steps <= 5 depend only on earlier
-    # tokens, so generate's logits still give the reference log-prob of every kept token, the EOS included.
-    completion[0, 5], completion[0, 6:] = llm.eot_id, llm.tokenizer.pad_token_id
-    mask = M.completion_mask(completion, llm.eot_id)
-    assert mask[0].tolist() == [True] * 6 + [False] * 6 and mask[1:].all()
-    sampled = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, L, V): raw logits, no warpers
-    expected = sampled.gather(2, completion[..., None]).squeeze(-1) * mask  # (B, L)
-
-    llm.model.train()  # as in the update
-    with torch.no_grad():
-        old = M.completion_logprobs(llm, batch, completion, mask, chunk=5)  # as recorded in the rollout
-        other_chunks = M.completion_logprobs(llm, batch, completion, mask, chunk=1024)
-    new = M.completion_logprobs(llm, batch, completion, mask, chunk=5)  # the training forward, with grad
-    assert new.requires_grad and old.shape == completion.shape
-    torch.testing.assert_close(old, expected, atol=1e-4, rtol=0)  # fp32: generation and training agree
-    torch.testing.assert_close(other_chunks, old, atol=1e-6, rtol=0)  # chunking changes only rounding
-    assert torch.equal(torch.exp(new.detach() - old)[mask], torch.ones(int(mask.sum())))  # ρ = 1 exactly
-    assert (old[~mask] == 0).all()
-    new.sum().backward()  # gradients reach the LLM through the chunked, checkpointed LM head
-    assert llm.model.lm_head.weight.grad is not None and llm.model.lm_head.weight.grad.abs().sum() > 0
-
-
-# -----------------------------------------------------------------------------
-# 1b. the fast path equals the straightforward one
-
-
-def _one_prompt(name, demo, index=0):
-    llm = M.load_model(name, device="cpu", dtype="fp32")
-    record = D.load_records(os.path.join(demo, "grpo.jsonl"))[index]
-    return llm, D.collate(llm, [record], structured=True, with_target=False)
-
-
-@pytest.mark.parametrize("name", M.TINY_MODELS)
-def test_shared_prefix_text_only_prompt_after_other_forwards(name, demo):
-    """A text-only prompt right after a video prompt and a 3-row training forward: nothing from those (Qwen's
-    cached rope_deltas) leaks into its positions; greedy tokens still equal generate's."""
-    llm, video_prompt = _one_prompt(name, demo)
-    M.sample_group(llm, M.encode_videos(llm, video_prompt), 2, max_new_tokens=4)
-    completion = torch.full((3, 4), llm.eot_id)
-    with torch.no_grad():
-        M.completion_logprobs(llm, M.repeat_rows(video_prompt, 3), completion, M.completion_mask(completion, llm.eot_id))
-    record = D.load_records(os.path.join(demo, "grpo.jsonl"))[3]
-    text_prompt = D.collate(llm, [record], structured=True, with_target=False, no_video=True)
-    fast, _ = M.sample_group(llm, M.encode_videos(llm, text_prompt), 2, max_new_tokens=16, do_sample=False)
-    expected, _ = M.generate(llm, text_prompt, max_new_tokens=16)
-    assert torch.equal(fast, expected.expand(2, -1))
-
-
-@pytest.mark.parametrize("name", M.TINY_MODELS)
-def test_shared_prefix_greedy_equals_generate(name, demo, monkeypatch):
-    llm, prompt = _one_prompt(name, demo)
-    expected, texts = M.generate(llm, prompt, max_new_tokens=16)  # (1, 16): HF generate, greedy
-    assert expected.shape == (1, 16)
-    fast, fast_texts = M.sample_group(llm, M.encode_videos(llm, prompt), 3, max_new_tokens=16, do_sample=False)
-    assert torch.equal(fast, expected.expand(3, -1)) and fast_texts == texts * 3
-    # stopping: make the 6th greedy token the end-of-turn token; both stop right after it, nothing more
-    monkeypatch.setattr(M.VideoLLM, "eot_id", property(lambda self: int(expected[0, 5])))
-    stop = int(expected[0, 5])
-    cut, _ = M.generate(llm, prompt, max_new_tokens=16)
-    fast, _ = M.sample_group(llm, M.encode_videos(llm, prompt), 2, max_new_tokens=16, do_sample=False)
-    first = int((expected[0] == stop).nonzero()[0])
-    assert cut.shape[1] == first + 1 and torch.equal(fast, cut.expand(2, -1))
-
-
-def test_top_p_filter_is_hfs():
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-    torch.manual_seed(0)
-    logits = torch.randn(5, 300) * 3
-    for temperature, top_p in ((1.0, 0.95), (0.7, 0.5), (1.3, 0.1)):
-        ours = M._warp(logits, temperature, top_p)
-        theirs = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
-        assert torch.equal(ours, theirs)
-        assert (ours.isfinite().sum(dim=1) >= 1).all()
-
-
-def test_sampled_rows_end_independently(demo, monkeypatch):
-    """Rows that end early get the pad token after their end-of-turn token; the others go on."""
-    llm, prompt = _one_prompt("tiny-videollama3", demo)
-    torch.manual_seed(0)
-    free, _ = M.sample_group(llm, prompt, 8, max_new_tokens=12)
-    stop = int(free[0, 2])  # a token row 0 draws; other rows draw it elsewhere or not at all
-    monkeypatch.setattr(M.VideoLLM, "eot_id", property(lambda self: stop))
-    torch.manual_seed(0)
-    completion, texts = M.sample_group(llm, prompt, 8, max_new_tokens=12)
-    mask = M.completion_mask(completion, stop)
-    assert int(mask[0].sum()) == 3 and torch.equal(completion[0, :3], free[0, :3])  # same draws up to the stop
-    assert (completion[~mask] == llm.tokenizer.pad_token_id).all()
-    assert len(set(mask.sum(dim=1).tolist())) > 1  # the rows ended at different lengths
-
-
-@pytest.mark.parametrize("name", M.TINY_MODELS)
-def test_fast_logprobs_and_loss_equal_straightforward(name, demo):
-    """The update's inputs built the fast way (video features computed once and shared by the G rows, LM head at
-    completion positions only) give the straightforward path's per-token log-probs, loss and gradient."""
-    llm, prompt = _one_prompt(name, demo, index=1)
-    torch.manual_seed(0)
-    G = 4
-    completion, _ = M.sample_group(llm, prompt, G, max_new_tokens=10)
-    completion[1, 4] = llm.eot_id  # an early end: masking is exercised
-    mask = M.completion_mask(completion, llm.eot_id)
-    slow_batch, fast_batch = M.repeat_rows(prompt, G), M.repeat_rows(M.encode_videos(llm, prompt), G)
-    assert "pixel_values_videos" in slow_batch["model_keys"] and "pixel_values_videos" not in fast_batch["model_keys"]
-    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
-    grads, losses, logps = [], [], []
-    for logprobs, batch in ((bench.straightforward_logprobs, slow_batch), (M.completion_logprobs, fast_batch)):
-        llm.model.zero_grad(set_to_none=True)
-        logp = logprobs(llm, batch, completion, mask)
-        old = logp.detach() + 0.05 * torch.randn_like(logp, generator=torch.Generator().manual_seed(1))  # ρ ≠ 1
-        loss, _ = grpo.grpo_loss(logp, old * mask, (old - 0.1) * mask, advantages, mask)
-        loss.backward()
-        logps.append(logp.detach()), losses.append(loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in llm.llm_parameters() if p.grad is not None]))
-    assert (logps[0][mask] < 0).all()
-    torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
-
-
-def test_bench_runs_and_reports(tmp_path):
-    """bench.py end to end on a small shape: both paths run and the JSON carries the figures (no timing asserted)."""
-    out = tmp_path / "bench.json"
-    bench.main(["--frames", "2", "--frame-size", "56x56", "--vocab-size", "2048", "--group-size", "2",
-                "--completion-tokens", "4", "--device", "cpu", "--json", str(out)])
-    report = json.loads(out.read_text())
-    assert report["vocab_size"] == 2048 and report["visual_tokens"] > 0
-    for key in ("step_speedup", "memory_ratio", "rollout_speedup", "forward_backward_speedup"):
-        assert math.isfinite(report[key]) and report[key] > 0
-    for path in ("straightforward", "fast"):
-        assert report[path]["completion_len"] > 0 and report[path]["s_step"] >= report[path]["s_rollout"]
-
-
-# -----------------------------------------------------------------------------
-# 2. the math, against hand-computed numbers
+# 1. the math, against hand-computed numbers
 
 
 def test_group_advantages():
@@ -253,12 +90,12 @@ def test_group_size_must_be_at_least_two():
 
 
 # -----------------------------------------------------------------------------
-# 3. the command line
+# 2. the command line
 
 
-def test_cli_runs_logs_and_saves(demo, tmp_path):
+def test_cli_runs_logs_and_saves(demo_full, tmp_path):
     out = str(tmp_path / "grpo")
-    grpo.main(["--model", "tiny-qwen2.5-vl", "--data", os.path.join(demo, "grpo.jsonl"), "--out", out,
+    grpo.main(["--model", "tiny-qwen2.5-vl", "--data", os.path.join(demo_full, "grpo.jsonl"), "--out", out,
                "--group-size", "2", "--batch-size", "1", "--max-completion-length", "8", "--max-steps", "2",
                "--passes", "2", "--lr", "1e-3", "--device", "cpu"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -273,20 +110,20 @@ def test_cli_runs_logs_and_saves(demo, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# 4. it learns
+# 3. it learns
 
 
-def _quick_cold_start(demo: str, out: str, lr: float = 3e-3, target_format_rate: float = 0.3) -> tuple[str, float]:
+def _quick_cold_start(demo_dir: str, out: str, lr: float = 3e-3, target_format_rate: float = 0.3) -> tuple[str, float]:
     """A few lines of supervised cold start, stopped once sampled completions (temperature 1, as in GRPO) have
     the structured format about `target_format_rate` of the time: GRPO then has room to improve and variance to
     learn from. Stopping on the measured rate, not after a fixed number of steps, keeps the test meaningful
     when the prompts or the demo data change."""
-    M.seed_everything(0)
+    T.seed_everything(0)
     llm = M.load_model("tiny-videollama3", device="cpu", dtype="fp32")
     M.set_trainable(llm, train_llm=True, train_alarm=False, train_heads=False)
     optimizer = torch.optim.AdamW([p for p in llm.llm_parameters() if p.requires_grad], lr=lr)
-    records, rng = D.load_records(os.path.join(demo, "cold_start.jsonl")), random.Random(0)
-    probe = D.collate(llm, D.load_records(os.path.join(demo, "grpo.jsonl"))[:8] * 4, structured=True, with_target=False)
+    records, rng = D.load_records(os.path.join(demo_dir, "cold_start.jsonl")), random.Random(0)
+    probe = D.collate(llm, D.load_records(os.path.join(demo_dir, "grpo.jsonl"))[:8] * 4, structured=True, with_target=False)
     llm.model.train()
     for step in range(1, 301):
         llm.forward(D.collate(llm, rng.sample(records, 8), structured=True, with_target=True))["lm_loss"].backward()
@@ -301,11 +138,11 @@ def _quick_cold_start(demo: str, out: str, lr: float = 3e-3, target_format_rate:
     return out, rate
 
 
-def test_grpo_learns_on_demo(demo, tmp_path):
-    start, rate = _quick_cold_start(demo, str(tmp_path / "cold_start"))
+def test_grpo_learns_on_demo(demo_full, tmp_path):
+    start, rate = _quick_cold_start(demo_full, str(tmp_path / "cold_start"))
     assert rate >= 0.3, "the quick cold start did not learn the format in 300 steps"
     out = str(tmp_path / "grpo")
-    grpo.main(["--model", start, "--data", os.path.join(demo, "grpo.jsonl"), "--out", out, "--seed", "0",
+    grpo.main(["--model", start, "--data", os.path.join(demo_full, "grpo.jsonl"), "--out", out, "--seed", "0",
                "--group-size", "4", "--batch-size", "8", "--max-completion-length", "96", "--lr", "2e-4",
                "--passes", "2", "--epochs", "5", "--max-steps", "60", "--device", "cpu"])
     steps = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "step" in r]

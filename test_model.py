@@ -1,191 +1,19 @@
-"""Tests of model.py on the three tiny families: alarm placement after the processor's expansion, the
-embedding swap, ATC logits and the AT-SFT loss against independent hand computations, what gets gradients,
-checkpoint round trips, generation, and the plain (no alarm) path.
-
-Positions are located here independently (plain Python over the token ids), never with SafetyAlarm.positions.
-"""
+"""Tests of model.py on the three tiny families: L_base against a full-logits reference, what gets gradients and
+which parameter groups, checkpoint round trips, generation with alarm prompts, and the plain (no alarm) path."""
 
 import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
+import demo
 import model
-from model import TEXTUAL_ALARM, VISUAL_ALARM
-
-QWEN_FAMILIES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
-
+from alarm import ALARM_FILE, TEXTUAL_ALARM, VISUAL_ALARM, at_sft_loss
+from conftest import hand_bce, ids_of, model_inputs, real_tokens
 
 # -----------------------------------------------------------------------------
-# helpers (independent of the code under test)
-
-
-def ids_of(llm):
-    """The ids that matter, looked up in the tokenizer's vocabulary."""
-    vocab = llm.tokenizer.get_vocab()
-    return dict(vis=vocab[VISUAL_ALARM], txt=vocab[TEXTUAL_ALARM], video=llm.model.config.video_token_id,
-                im_end=vocab["<|im_end|>"], im_start=vocab["<|im_start|>"], pad=llm.tokenizer.pad_token_id,
-                vstart=vocab.get("<|vision_start|>"), vend=vocab.get("<|vision_end|>"))
-
-
-def real_tokens(batch, row):
-    """(offset, list of ids) of one row without its left padding."""
-    mask = batch["attention_mask"][row].tolist()
-    off = mask.index(1)
-    assert all(mask[off:]), "padding must be on the left only"
-    return off, batch["input_ids"][row, off:].tolist()
-
-
-def last_index(seq, value):
-    return max(i for i, t in enumerate(seq) if t == value)
-
-
-def hand_positions(llm, batch):
-    """(B,), (B,) absolute positions of the visual / textual alarm in each row, found by a plain scan."""
-    ids = ids_of(llm)
-    pv, pt = [], []
-    for row in range(batch["input_ids"].shape[0]):
-        off, seq = real_tokens(batch, row)
-        pv.append(off + last_index(seq, ids["vis"]))
-        pt.append(off + last_index(seq, ids["txt"]))
-    return torch.tensor(pv), torch.tensor(pt)
-
-
-def model_inputs(batch):
-    return {k: batch[k] for k in batch["model_keys"]}
-
-
-def hand_bce(logit, y):
-    """-(y log σ(x) + (1-y) log(1-σ(x))), mean over the batch, in float64."""
-    p = torch.sigmoid(logit.double())
-    y = y.double()
-    return (-(y * torch.log(p) + (1 - y) * torch.log(1 - p))).mean()
-
-
-# -----------------------------------------------------------------------------
-# alarm ids and positions after the processor's expansion
-
-
-def test_alarm_ids_resolved_at_run_time(llm):
-    ids = ids_of(llm)
-    assert llm.alarm.visual_id == ids["vis"] and llm.alarm.textual_id == ids["txt"]
-    assert ids["vis"] != ids["txt"]
-    others = {ids["video"], llm.model.config.image_token_id, ids["pad"], ids["im_end"], ids["im_start"],
-              ids["vstart"], ids["vend"]}
-    assert not others & {ids["vis"], ids["txt"]}
-    # both are single special tokens that survive tokenisation inside text
-    enc = llm.tokenizer("abc" + VISUAL_ALARM + "def" + TEXTUAL_ALARM, add_special_tokens=False)["input_ids"]
-    assert enc.count(ids["vis"]) == 1 and enc.count(ids["txt"]) == 1
-    # the embedding table has a row for each
-    assert max(ids["vis"], ids["txt"]) < llm.model.get_input_embeddings().num_embeddings
-
-
-def test_alarm_positions_after_expansion(llm, tiny_name, sft_batch, mixed_records):
-    ids = ids_of(llm)
-    tok = llm.tokenizer
-    B = len(mixed_records)
-    assert sft_batch["has_alarm"] is True
-    lengths = sft_batch["attention_mask"].sum(1)
-    assert len(set(lengths.tolist())) > 1, "the batch should mix lengths (left padding exercised)"
-    for row, rec in enumerate(mixed_records):
-        _, seq = real_tokens(sft_batch, row)
-        assert seq.count(ids["vis"]) == 1 and seq.count(ids["txt"]) == 1
-        p_v, p_t = seq.index(ids["vis"]), seq.index(ids["txt"])
-        # textual alarm: last token of the user turn, right before the user turn's <|im_end|>
-        assert seq[p_t + 1] == ids["im_end"]
-        starts = [i for i, t in enumerate(seq) if t == ids["im_start"]]
-        assert len(starts) == 3  # system, user, assistant
-        assert starts[1] < p_t < starts[2]
-        assert tok.decode(seq[starts[1]:p_t + 2]).startswith("<|im_start|>user\n")
-        assert tok.decode(seq[p_t + 2:starts[2] + 1]) == "\n<|im_start|>"
-        assert tok.decode(seq[starts[1]:p_t]).replace(VISUAL_ALARM, "").rstrip().endswith(rec.query.strip())
-        if rec.video is None:  # text-only: both right before <|im_end|>, no video tokens at all
-            assert p_v == p_t - 1
-            assert ids["video"] not in seq
-            continue
-        assert ids["video"] in seq
-        last_pad = last_index(seq, ids["video"])
-        assert p_v > last_pad and ids["video"] not in seq[p_v:]
-        assert p_v < p_t
-        if tiny_name in QWEN_FAMILIES:
-            # right after the <|vision_end|> that closes the whole video block
-            between = seq[last_pad + 1:p_v]
-            assert between and all(t == ids["vend"] for t in between)
-            assert seq[p_v + 1] != ids["vend"]
-            assert seq[:p_v].count(ids["vstart"]) == seq[:p_v].count(ids["vend"])  # block closed
-        else:  # VideoLLaMA3: right after the last <|video_pad|>
-            assert p_v == last_pad + 1
-    # the model's own locator agrees with the hand scan
-    pv, pt = hand_positions(llm, sft_batch)
-    mv, mt = llm.alarm.positions(sft_batch["input_ids"])
-    assert torch.equal(mv.cpu(), pv) and torch.equal(mt.cpu(), pt)
-    assert pv.shape == (B,)
-
-
-# -----------------------------------------------------------------------------
-# the embedding swap
-
-
-def test_embedding_swap(llm, sft_batch):
-    ids = ids_of(llm)
-    emb = llm.model.get_input_embeddings()
-    input_ids = sft_batch["input_ids"]
-    vec = llm.alarm.vectors.detach()
-    assert not torch.allclose(vec[0], emb.weight[ids["vis"]]) and not torch.allclose(vec[1], emb.weight[ids["txt"]])
-    with torch.no_grad():
-        out = emb(input_ids)  # (B, T, H), with the hook
-    is_v, is_t = input_ids == ids["vis"], input_ids == ids["txt"]
-    assert is_v.sum() == input_ids.shape[0] and is_t.sum() == input_ids.shape[0]
-    assert torch.equal(out[is_v], vec[0].expand(int(is_v.sum()), -1))
-    assert torch.equal(out[is_t], vec[1].expand(int(is_t.sum()), -1))
-    other = ~(is_v | is_t)
-    assert torch.equal(out[other], emb.weight.detach()[input_ids[other]])
-
-    # and the language model really receives them in a full multimodal forward
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
-
-    handle = llm.model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            llm.forward(sft_batch, need_lm=False)
-    finally:
-        handle.remove()
-    e = seen["embeds"]  # (B, T, H)
-    assert torch.equal(e[is_v], vec[0].expand(int(is_v.sum()), -1))
-    assert torch.equal(e[is_t], vec[1].expand(int(is_t.sum()), -1))
-    plain = other & (input_ids != ids["video"])
-    assert torch.equal(e[plain], emb.weight.detach()[input_ids[plain]])
-    # video positions carry visual features, not the <|video_pad|> row
-    is_video = input_ids == ids["video"]
-    assert not torch.allclose(e[is_video][0], emb.weight[ids["video"]])
-
-
-# -----------------------------------------------------------------------------
-# ATC logits and the AT-SFT loss against independent computations
-
-
-def test_atc_logits_match_hand_heads(llm, sft_batch):
-    with torch.no_grad():
-        res = llm.forward(sft_batch)
-        hidden = llm.model.model(**model_inputs(sft_batch), use_cache=False).last_hidden_state  # (B, T, H)
-    assert torch.equal(res["hidden"], hidden)
-    pv, pt = hand_positions(llm, sft_batch)
-    rows = torch.arange(hidden.shape[0])
-    hv, ht = hidden[rows, pv], hidden[rows, pt]  # (B, H)
-    head_v, head_t = llm.alarm.head_v, llm.alarm.head_t
-    exp_v = (hv @ head_v.weight.detach().T).squeeze(-1) + head_v.bias.detach()  # (B,)
-    exp_t = (ht @ head_t.weight.detach().T).squeeze(-1) + head_t.bias.detach()
-    assert res["logit_v"].shape == (hidden.shape[0],) and res["logit_t"].shape == (hidden.shape[0],)
-    torch.testing.assert_close(res["logit_v"], exp_v, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(res["logit_t"], exp_t, atol=1e-6, rtol=1e-6)
-    # off-by-one positions would give other values
-    assert not torch.allclose(res["logit_v"], (hidden[rows, pv - 1] @ head_v.weight.detach().T).squeeze(-1)
-                              + head_v.bias.detach())
+# the LM loss, and the AT-SFT loss on it
 
 
 def test_lm_loss_and_at_sft_loss_match_reference(llm, sft_batch):
@@ -204,24 +32,13 @@ def test_lm_loss_and_at_sft_loss_match_reference(llm, sft_batch):
 
     yv, yt = sft_batch["video_label"], sft_batch["text_label"]
     assert 0 < yv.sum() < len(yv) or 0 < yt.sum() < len(yt)  # labels are mixed
-    loss, parts = model.at_sft_loss(res["lm_loss"], res["logit_v"], res["logit_t"], yv, yt)
+    loss, parts = at_sft_loss(res["lm_loss"], res["logit_v"], res["logit_t"], yv, yt)
     bce_v, bce_t = hand_bce(res["logit_v"], yv), hand_bce(res["logit_t"], yt)
     expected = ref_lm + 0.1 * bce_v + 0.1 * bce_t  # L = L_base + λ1·BCE_v + λ2·BCE_t
     torch.testing.assert_close(loss.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(parts["atc_v"].double(), bce_v, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(parts["atc_t"].double(), bce_t, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(parts["lm"], res["lm_loss"])
-
-
-def test_at_sft_loss_hand_values():
-    logit_v = torch.tensor([2.0, -1.0, 0.5])
-    logit_t = torch.tensor([-3.0, 0.0, 1.5])
-    yv, yt = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
-    lm = torch.tensor(1.25)
-    loss, parts = model.at_sft_loss(lm, logit_v, logit_t, yv, yt, lambda_v=0.3, lambda_t=0.7)
-    torch.testing.assert_close(loss.double(), 1.25 + 0.3 * hand_bce(logit_v, yv) + 0.7 * hand_bce(logit_t, yt))
-    loss, _ = model.at_sft_loss(lm, logit_v, logit_t, yv, yt)  # defaults λ1 = λ2 = 0.1
-    torch.testing.assert_close(loss.double(), 1.25 + 0.1 * hand_bce(logit_v, yv) + 0.1 * hand_bce(logit_t, yt))
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +60,7 @@ def test_gradients_reach_only_trainable(llm, sft_batch, train_llm, train_alarm, 
         for p in everything:
             p.grad = None
         res = llm.forward(sft_batch)
-        loss, _ = model.at_sft_loss(res["lm_loss"], res["logit_v"], res["logit_t"],
+        loss, _ = at_sft_loss(res["lm_loss"], res["logit_v"], res["logit_t"],
                                     sft_batch["video_label"], sft_batch["text_label"])
         loss.backward()
         assert all(not p.requires_grad and p.grad is None for p in vision_params)
@@ -306,8 +123,8 @@ def test_checkpoint_round_trip(tiny_name, mixed_records, tmp_path):
     model.save_checkpoint(llm, out, meta={"stage": "at_sft", "step": 3})
 
     files = os.listdir(out)
-    assert model.ALARM_FILE in files
-    assert any(f.endswith(".safetensors") and f != model.ALARM_FILE for f in files)
+    assert ALARM_FILE in files
+    assert any(f.endswith(".safetensors") and f != ALARM_FILE for f in files)
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
 
     llm2 = model.load_model(out, device="cpu", dtype=torch.float32)
@@ -437,16 +254,41 @@ def test_plain_model_without_alarm(tiny_name, llm, mixed_records):
         assert llm.forward(batch_off)["logit_v"] is None
 
 
-def test_add_alarm_tokens_grows_a_full_table(tiny_name, mixed_records):
-    """A checkpoint without spare embedding rows gets its table (and LM head) grown for the two tokens."""
-    llm = model.load_model(tiny_name, device="cpu", dtype=torch.float32, with_alarm=False)
-    n = len(llm.tokenizer)
-    llm.model.resize_token_embeddings(n)  # no spare rows left
-    llm.alarm = model.add_alarm_tokens(llm.model, llm.tokenizer)
-    assert {llm.alarm.visual_id, llm.alarm.textual_id} == {n, n + 1}
-    assert llm.model.get_input_embeddings().num_embeddings == n + 2
-    assert llm.model.get_output_embeddings().weight.shape[0] == n + 2
-    batch = data.collate(llm, mixed_records, structured=False, with_target=True)
+# -----------------------------------------------------------------------------
+# log-probs of completions: sampling time == training forward
+
+
+@pytest.mark.parametrize("name", demo.TINY_MODELS)
+def test_logprobs_match_generation(name, demo_full):
+    torch.manual_seed(0)
+    llm = model.load_model(name, device="cpu", dtype="fp32")
+    records = data.load_records(os.path.join(demo_full, "grpo.jsonl"))
+    records = sorted(records[:12], key=lambda r: len(r.query))[::4]  # different lengths: real left padding
+    batch = data.collate(llm, records, structured=True, with_target=False)
+    assert (batch["attention_mask"] == 0).any(), "the test needs a left-padded row"
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    llm.model.eval()
+    out = llm.model.generate(**inputs, max_new_tokens=12, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                             use_cache=True, eos_token_id=llm.eot_id, pad_token_id=llm.tokenizer.pad_token_id,
+                             output_logits=True, return_dict_in_generate=True)
+    completion = out.sequences[:, batch["input_ids"].shape[1]:].clone()  # (B, L)
+    # Row 0 "ends" at token 5: an EOS there, padding after. The logits at steps <= 5 depend only on earlier
+    # tokens, so generate's logits still give the reference log-prob of every kept token, the EOS included.
+    completion[0, 5], completion[0, 6:] = llm.eot_id, llm.tokenizer.pad_token_id
+    mask = model.completion_mask(completion, llm.eot_id)
+    assert mask[0].tolist() == [True] * 6 + [False] * 6 and mask[1:].all()
+    sampled = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, L, V): raw logits, no warpers
+    expected = sampled.gather(2, completion[..., None]).squeeze(-1) * mask  # (B, L)
+
+    llm.model.train()  # as in the update
     with torch.no_grad():
-        res = llm.forward(batch)
-    assert torch.isfinite(res["lm_loss"]) and res["logit_v"].shape == (len(mixed_records),)
+        old = model.completion_logprobs(llm, batch, completion, mask, chunk=5)  # as recorded in the rollout
+        other_chunks = model.completion_logprobs(llm, batch, completion, mask, chunk=1024)
+    new = model.completion_logprobs(llm, batch, completion, mask, chunk=5)  # the training forward, with grad
+    assert new.requires_grad and old.shape == completion.shape
+    torch.testing.assert_close(old, expected, atol=1e-4, rtol=0)  # fp32: generation and training agree
+    torch.testing.assert_close(other_chunks, old, atol=1e-6, rtol=0)  # chunking changes only rounding
+    assert torch.equal(torch.exp(new.detach() - old)[mask], torch.ones(int(mask.sum())))  # ρ = 1 exactly
+    assert (old[~mask] == 0).all()
+    new.sum().backward()  # gradients reach the LLM through the chunked, checkpointed LM head
+    assert llm.model.lm_head.weight.grad is not None and llm.model.lm_head.weight.grad.abs().sum() > 0

@@ -1,33 +1,18 @@
-"""AT-SFT and cold start end to end on the tiny model: the loss falls, the checkpoint reloads with the
-trained weights, the same seed gives the same weights, and the two-phase recipe trains what it says."""
-
-import json
-import os
+"""AT-SFT end to end on the tiny model: the loss falls, the checkpoint reloads with the trained weights, the same
+seed gives the same weights, and the two-phase recipe trains what it says."""
 
 import torch
-from safetensors.torch import load_file
 
 import at_sft
-import cold_start
 import model as M
+from conftest import checkpoint_weights, metrics_rows
 
 FAST = ["--batch-size", "3", "--grad-accum", "2", "--lr-llm", "3e-3", "--lr-alarm", "3e-2", "--lr-heads", "3e-2",
         "--warmup-ratio", "0", "--eval-records", "3"]
 
 
-def _rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _steps(out, phase):
-    return [r for r in _rows(out) if r.get("phase") == phase]
-
-
-def _weights(out):
-    w = load_file(os.path.join(out, "model.safetensors"))
-    w.update({"alarm." + k: v for k, v in load_file(os.path.join(out, M.ALARM_FILE)).items()})
-    return w
+    return [r for r in metrics_rows(out) if r.get("phase") == phase]
 
 
 def _at_sft(demo_dir, out, *extra):
@@ -54,11 +39,11 @@ def test_at_sft_learns_and_checkpoint_reloads(demo_dir, tmp_path):
     assert moved and all(M._is_llm(n) for n in moved)  # the LLM moved; vision encoder and projector did not
 
 
-def test_same_seed_same_weights(demo_dir, tmp_path):
+def test_same_seed_samecheckpoint_weights(demo_dir, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (a, b):
         _at_sft(demo_dir, out, "--max-steps", "2", "--eval-records", "0")
-    wa, wb = _weights(a), _weights(b)
+    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -69,18 +54,3 @@ def test_two_phase_runs_alarm_init_then_full_loss(demo_dir, tmp_path):
     assert len(init) == 2 and len(full) == 2 and summary["step"] == 4
     assert "atc_v" not in init[0] and "lr_heads" not in init[0] and init[0]["lr_alarm"] > 0  # LM loss; no heads
     assert "atc_v" in full[0] and "lr_heads" in full[0]
-
-
-def test_cold_start_trains_llm_only_with_alarm_in_prompt(demo_dir, tmp_path):
-    first = str(tmp_path / "at_sft")
-    _at_sft(demo_dir, first, "--max-steps", "1", "--eval-records", "0")
-    out = str(tmp_path / "cold")
-    summary = cold_start.main(["--model", first, "--data", f"{demo_dir}/cold_start.jsonl", "--eval-data",
-                               f"{demo_dir}/eval.jsonl", "--out", out, *FAST, "--epochs", "6"])
-    steps = _steps(out, "cold_start")
-    assert len(steps) == 6 and "atc_v" not in steps[0] and set(k for k in steps[0] if k.startswith("lr_")) == {"lr_llm"}
-    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
-    assert 0.0 <= summary["heldout_format_rate"] <= 1.0
-    before, after = _weights(first), _weights(out)
-    for k in ("alarm.vectors", "alarm.head_v.weight", "alarm.head_t.bias"):  # frozen in cold start
-        assert torch.equal(before[k], after[k])

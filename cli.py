@@ -1,0 +1,76 @@
+"""cli.py: the command line every entry point shares (the training stages, eval.py, bench.py).
+
+- `parser(doc)`: one argument-block style for all: the file's docstring opens --help, each flag's default is
+  shown beside its help, and flags are grouped under headers;
+- the flags several entry points have, added in one place (`add_video_flags`, `add_run_flags`,
+  `add_snapshot_flags`), their defaults taken from the module that owns the setting;
+- `run_cli(main)`: bad input or a stopped run ends with one clear line and a non-zero exit, not a traceback
+  (unless --debug is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import data as D
+from training import TrainingError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each flag's default beside its help (unless the help already says it, or there is none: None / a switch);
+    the description printed as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unshown = any(action.default is x for x in (None, False, argparse.SUPPRESS))  # nothing worth saying
+        if "default" in text or unshown or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def parser(doc: str, whole: bool = False) -> argparse.ArgumentParser:
+    """An ArgumentParser whose description is the first paragraph of `doc` (a module docstring), or all of it."""
+    text = doc.strip() if whole else doc.strip().split("\n\n")[0]
+    return argparse.ArgumentParser(description=text, formatter_class=HelpFormatter)
+
+
+def add_video_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("video")
+    g.add_argument("--fps", type=float, default=D.FPS, help="frames sampled per second of video (paper: 1)")
+    g.add_argument("--max-frames", type=int, default=D.MAX_FRAMES, help="at most this many frames per video "
+                   "(paper: 90)")
+
+
+def add_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=seed, help=seed_help)
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available; under torchrun "
+                   "each process its cuda:LOCAL_RANK)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
+    g.add_argument("--skip-bad-records", action="store_true", help="leave out (and name in the run's summary) records "
+                   "with bad fields or undecodable videos instead of stopping; a video is never replaced by another")
+    g.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
+
+
+def add_snapshot_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
+    g = p.add_argument_group("memory and snapshots")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save "
+                   "memory (generation keeps its KV cache)")
+    g.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps "
+                   "(0 = only at the end)")
+    g.add_argument("--resume", action="store_true", help=resume_help)
+
+
+def run_cli(main) -> None:
+    """Run a stage's main(): bad input or a stopped run ends with one clear line and a non-zero exit,
+    not a traceback (unless --debug is given)."""
+    try:
+        main()
+    except (D.DataError, TrainingError, OSError) as e:
+        if "--debug" in sys.argv:
+            raise
+        kind = "bad input" if isinstance(e, D.DataError) else "stopped" if isinstance(e, TrainingError) else "error"
+        print(f"{os.path.basename(sys.argv[0])}: {kind}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(2 if isinstance(e, D.DataError) else 1)

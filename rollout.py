@@ -1,0 +1,124 @@
+"""rollout.py: GRPO's fast path, one video encoding and one prompt prefill per group.
+
+The usual GRPO rollout (`generate(num_return_sequences=G)`) repeats the video's pixels G times, runs the vision
+encoder and prefills the whole prompt G times, and every training forward runs the vision encoder again on G
+copies. Here a group's prompt is collated once (one row), the frozen vision encoder runs once
+(`encode_videos`), the prompt is prefilled once and its KV cache shared by the G samples (`sample_group`), and
+the update's forwards reuse the features for all G rows (`repeat_rows`). Same tokens, same log-probs
+(test_rollout.py checks both against the straightforward path in bench.py).
+
+Sampling is `generate`'s: the banned tokens, temperature, then top-p (nucleus) filtering exactly as
+transformers' warpers do it (`warp`), then one multinomial draw per row (`sample_next`).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+import distributed
+import model as M
+
+
+@torch.no_grad()
+def encode_videos(llm: M.VideoLLM, batch: dict) -> dict:
+    """The batch with its videos replaced by their features: the frozen vision encoder + projector run once, here,
+    and every later forward on the result (or on `repeat_rows` of it) skips them. HF video LLMs take these as
+    `mm_encoder_outputs` (per video: `pooler_output`; Qwen3-VL also `deepstack_features`). The vision weights are
+    frozen in every stage, so the features serve the policy, π_old and π_ref alike."""
+    if "pixel_values_videos" not in batch:
+        return batch
+    get = llm.model.model.get_video_features
+    params = inspect.signature(get).parameters  # (pixel_values_videos, video_grid_thw[, video_merge_sizes])
+    with M.eval_mode(llm):
+        feats = get(**{k: batch[k] for k in params if k in batch}, return_dict=True)
+    keep = {"pooler_output": feats.pooler_output}  # tuple: one (tokens, H) tensor per video
+    if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL: per decoder layer, per video
+        keep["deepstack_features"] = feats.deepstack_features
+    keys = tuple(k for k in batch["model_keys"] if k != "pixel_values_videos") + ("mm_encoder_outputs",)
+    return {**batch, "model_keys": keys, "mm_encoder_outputs": {"video": type(feats)(**keep)}}
+
+
+def repeat_rows(batch: dict, G: int) -> dict:
+    """G copies of a one-row prompt batch (one prompt, at most one video), sharing its video features.
+    Every tensor input is per row, per video or per visual token, and the row holds one video, so each is
+    concatenated G times along dim 0; the per-video features are repeated alike (no copy of the encoder's work)."""
+    if batch["input_ids"].shape[0] != 1:
+        raise ValueError("repeat_rows takes a one-prompt batch")
+    out = {k: (torch.cat([v] * G) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    out["records"] = list(batch["records"]) * G
+    if "mm_encoder_outputs" in batch:
+        feats = batch["mm_encoder_outputs"]["video"]
+        rep = {"pooler_output": tuple(feats.pooler_output) * G}
+        if getattr(feats, "deepstack_features", None) is not None:
+            rep["deepstack_features"] = [tuple(layer) * G for layer in feats.deepstack_features]
+        out["mm_encoder_outputs"] = {"video": type(feats)(**rep)}
+    return out
+
+
+@torch.no_grad()
+def sample_group(llm: M.VideoLLM, batch: dict, G: int, *, max_new_tokens: int = M.MAX_NEW_TOKENS,
+                 do_sample: bool = True, temperature: float = 1.0,
+                 top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+    """G completions of one prompt (a one-row batch, best with its video already encoded) from one prefill.
+
+    The prompt's KV cache is computed once and copied G times; the G rows then decode together, one token per
+    step: the logits processing of `generate` (alarm and visual placeholders banned, then temperature, then
+    top-p, then a multinomial draw; argmax when not sampling), rows that emitted the end-of-turn token get the
+    pad token afterwards, and decoding stops when all rows have ended. Greedy, it returns exactly the tokens of
+    `generate` on the same prompt. Returns (completion ids (G, L), decoded texts), as `generate` does."""
+    if batch["input_ids"].shape[0] != 1:
+        raise ValueError("sample_group takes a one-prompt batch; collate the record alone")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    distributed.check_gathered(llm, "sample_group")
+    head, tok, base = llm.model.lm_head, llm.tokenizer, llm.model.model
+    banned = torch.tensor(M.banned_ids(llm), dtype=torch.long, device=llm.device)
+    pad = tok.pad_token_id
+    with M.eval_mode(llm):
+        if hasattr(base, "rope_deltas"):  # Qwen: a stale value from an earlier forward must not leak in; the
+            base.rope_deltas = None  # prefill sets it for a video prompt and leaves None for a text-only one
+        out = llm.base_forward(**{k: batch[k] for k in batch["model_keys"]}, use_cache=True)  # the one prefill
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(G)  # G rows share the prompt's keys and values
+        logits = head(out.last_hidden_state[:, -1]).float().expand(G, -1)  # (G, V): the first token's
+        P = batch["input_ids"].shape[1]
+        attention = batch["attention_mask"].expand(G, -1)  # (G, P); one row: no padding
+        rope_deltas = getattr(base, "rope_deltas", None)  # Qwen's 3-D positions: text position + delta
+        done = torch.zeros(G, dtype=torch.bool, device=llm.device)
+        tokens = []
+        for t in range(max_new_tokens):
+            logits = logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
+            nxt = sample_next(logits, temperature, top_p) if do_sample else logits.argmax(dim=-1)  # (G,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            done |= nxt == llm.eot_id
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            attention = torch.cat([attention, attention.new_ones(G, 1)], dim=1)  # (G, P+t+1)
+            pos = torch.full((G, 1), P + t, dtype=torch.long, device=llm.device)  # the new token's position
+            if rope_deltas is not None:
+                pos = (pos + rope_deltas.to(pos.device)).expand(3, G, 1)  # (3, G, 1): t, h, w positions alike
+            out = llm.base_forward(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
+                                   past_key_values=cache, use_cache=True)
+            logits = head(out.last_hidden_state[:, -1]).float()  # (G, V)
+    completion = torch.stack(tokens, dim=1)  # (G, L)
+    return completion, tok.batch_decode(M.completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One multinomial draw per row from the warped distribution: (G, V) -> (G,)."""
+    return torch.multinomial(warp(logits, temperature, top_p).softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Temperature, then top-p (nucleus) filtering, as HF's warpers do: drop the least likely tokens whose
+    cumulative probability is at most 1 − top_p (set to −inf); the most likely one always stays."""
+    logits = logits / temperature
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # (G, V) in sorted order
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits

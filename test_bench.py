@@ -1,0 +1,18 @@
+"""bench.py end to end on a small shape (no timing is asserted: speed targets live in bench.py's output)."""
+
+import json
+import math
+
+import bench
+
+def test_bench_runs_and_reports(tmp_path):
+    """bench.py end to end on a small shape: both paths run and the JSON carries the figures (no timing asserted)."""
+    out = tmp_path / "bench.json"
+    bench.main(["--frames", "2", "--frame-size", "56x56", "--vocab-size", "2048", "--group-size", "2",
+                "--completion-tokens", "4", "--device", "cpu", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["vocab_size"] == 2048 and report["visual_tokens"] > 0
+    for key in ("step_speedup", "memory_ratio", "rollout_speedup", "forward_backward_speedup"):
+        assert math.isfinite(report[key]) and report[key] > 0
+    for path in ("straightforward", "fast"):
+        assert report[path]["completion_len"] > 0 and report[path]["s_step"] >= report[path]["s_rollout"]

@@ -1,0 +1,192 @@
+"""training.py: what every training stage (at_sft.py, cold_start.py, grpo.py) does around its own loop.
+
+- seeding, the paper's schedule (linear warmup over 3% of the steps, then cosine decay to 0), bf16 autocast on
+  a GPU over fp32 weights;
+- resumable snapshots in OUT/resume (weights, optimizer, scheduler, RNG, loop state; atomic renames) and
+  `find_resume` for --resume;
+- the JSONL log OUT/metrics.jsonl (its first row the run's config), the rank-0 print, the stop on a non-finite
+  loss, and `finish`: log the summary, save the final checkpoint (with the config in its metadata).
+
+Nothing here is specific to one stage; under torchrun rank 0 writes and every rank takes part in the collectives
+(distributed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+import distributed
+import model as M
+
+TRAIN_STATE = "train_state.pt"  # optimizer, scheduler, RNG and loop state, beside a snapshot's weights
+WARMUP_RATIO = 0.03  # share of the optimizer steps spent in linear warmup (paper)
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss or gradient, nothing to resume from). One clear line."""
+
+
+def say(*args, **kwargs) -> None:
+    """print, on rank 0 only."""
+    if distributed.rank() == 0:
+        print(*args, **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float = WARMUP_RATIO):
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (the paper's schedule)."""
+    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device) -> "torch.autocast":
+    """bf16 autocast on a GPU that supports it (weights stay fp32: a 1e-6 step on bf16 weights rounds to
+    nothing); a no-op elsewhere."""
+    on = str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda" if on else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
+def load_for_training(name_or_path: str, device: str | None, *, trust_remote_code: bool = False) -> M.VideoLLM:
+    """A model to train: fp32 weights (autocast does bf16 on a GPU), with alarm tokens. Under torchrun every
+    rank loads it whole on CPU and distributed.shard_model then moves each rank's shard to its device."""
+    return M.load_model(name_or_path, device="cpu" if distributed.world_size() > 1 else device,
+                        dtype=torch.float32, with_alarm=True, trust_remote_code=trust_remote_code)
+
+
+def check_finite(loss: float, grad_norm, step: int, resume_dir: str) -> None:
+    """Stop on a non-finite loss or gradient before the optimizer step spoils the weights."""
+    if not math.isfinite(float(loss)) or not math.isfinite(float(grad_norm)):
+        raise TrainingError(f"step {step}: non-finite loss ({float(loss)}) or gradient norm ({float(grad_norm)}); "
+                            f"weights were not updated. The last good snapshot is in {resume_dir} (if any was saved): "
+                            "lower the learning rate or check the data, then rerun with --resume.")
+
+
+# -----------------------------------------------------------------------------
+# Snapshots and --resume
+
+
+def resume_dir(out: str) -> str:
+    return os.path.join(out, "resume")
+
+
+def snapshot_due(step: int, total: int, save_every: int) -> bool:
+    """After the last step, and every `save_every` steps (0 = only after the last)."""
+    return step == total or bool(save_every and step % save_every == 0)
+
+
+def save_train_state(directory: str, llm: M.VideoLLM, optimizer, scheduler, state: dict) -> None:
+    """A resumable snapshot: the model checkpoint plus optimizer, scheduler, RNG and loop state.
+    Written to `directory`.tmp, then swapped in by renames; the previous snapshot survives until then.
+
+    Sharded (FSDP2): every rank calls it; rank 0 writes the full (unsharded) optimizer state in the format of a
+    one-process `optimizer.state_dict()`, so the run resumes under any number of processes, one included.
+    The RNG states are rank 0's."""
+    tmp, old = directory + ".tmp", directory + ".old"
+    if distributed.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    M.save_checkpoint(llm, tmp, meta={"resume_state": state})
+    sharded = distributed.is_sharded(llm)
+    optimizer_state = distributed.full_optimizer_state_dict(llm, optimizer) if sharded else optimizer.state_dict()
+    if distributed.rank() == 0:
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "state": state,
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   os.path.join(tmp, TRAIN_STATE))
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+
+
+def find_train_state(directory: str) -> str | None:
+    """The snapshot to resume from (or the previous one, if a crash hit between the two renames)."""
+    for d in (directory, directory + ".old"):
+        if os.path.isfile(os.path.join(d, TRAIN_STATE)) and os.path.isfile(os.path.join(d, M.META_FILE)):
+            return d
+    return None
+
+
+def find_resume(out: str) -> dict:
+    """For --resume: {"dir": the snapshot, **the loop state it was saved with}. None there: TrainingError."""
+    src = find_train_state(resume_dir(out))
+    if src is None:
+        raise TrainingError(f"--resume: no snapshot in {resume_dir(out)}; run without --resume")
+    with open(os.path.join(src, M.META_FILE)) as f:
+        return {"dir": src, **json.load(f)["resume_state"]}
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
+
+
+def load_train_state(directory: str, optimizer, scheduler, llm: M.VideoLLM | None = None) -> dict:
+    """Restore optimizer, scheduler and RNG states saved by save_train_state; return the loop state.
+    (The model itself is loaded from the same directory with load_model.) Sharded: pass `llm`; each rank
+    takes its shard of the full optimizer state (memory-mapped, so the ranks share one copy in RAM)."""
+    sharded = llm is not None and distributed.is_sharded(llm)
+    ckpt = torch.load(os.path.join(directory, TRAIN_STATE), weights_only=True, **({"mmap": True} if sharded else {}))
+    if sharded:
+        distributed.load_full_optimizer_state_dict(llm, optimizer, ckpt["optimizer"])
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    random.setstate(_as_tuple(ckpt["python_rng"]))
+    if ckpt["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+    return ckpt["state"]
+
+
+# -----------------------------------------------------------------------------
+# The log and the end of a run
+
+
+def open_log(out_dir: str, config: dict, append: bool = False):
+    """JSONL logger for OUT/metrics.jsonl (appended to when a run resumes), whose first row is the run's config
+    (and world size under torchrun). Only rank 0 writes."""
+    if distributed.rank() != 0:
+        return lambda row: None
+    os.makedirs(out_dir, exist_ok=True)
+    f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w")
+
+    def log(row: dict) -> None:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+
+    world = distributed.world_size()
+    log({"config": config, **({"world_size": world} if world > 1 else {})})
+    return log
+
+
+def finish(llm: M.VideoLLM, out: str, config: dict, log, skipped: dict, summary: dict) -> dict:
+    """Log the summary (with any skipped records by name), save the final checkpoint to `out` with the run's
+    config in its metadata, print the summary, leave the process group."""
+    skipped = distributed.union_over_ranks(skipped)  # under torchrun each rank saw the bad records of its batches
+    if skipped:
+        summary.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
+    log({"summary": summary})
+    M.save_checkpoint(llm, out, meta={"args": config, **summary})  # under torchrun: rank 0 writes it
+    say(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "note")}, ensure_ascii=False))
+    distributed.close()
+    return summary
