@@ -48,15 +48,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("shape")
     g.add_argument("--model", default="tiny-videollama3", help="a tiny family (built here with --vocab-size) or a "
                    "model name / path")
-    g.add_argument("--vocab-size", type=int, default=151936, help="vocabulary of the tiny model (Qwen2.5 / "
+    g.add_argument("--vocab-size", type=cli.positive_int, default=151936, help="vocabulary of the tiny model (Qwen2.5 / "
                    "VideoLLaMA3: 151,936)")
-    g.add_argument("--frames", type=int, default=16, help="frames of the benchmark video (sampled at 1 fps)")
+    g.add_argument("--frames", type=cli.positive_int, default=16, help="frames of the benchmark video (sampled at 1 fps)")
     g.add_argument("--frame-size", default="252x224", help="WIDTHxHEIGHT of its frames (the tiny VideoLLaMA3: 1,152 "
                    "visual tokens for 16)")
-    g.add_argument("--group-size", type=int, default=6, help="G, completions per prompt (paper: 6)")
-    g.add_argument("--completion-tokens", type=int, default=128, help="tokens generated per completion")
+    g.add_argument("--group-size", type=cli.number(int, low=2, what="an integer >= 2"), default=6, help="G, completions per prompt (paper: 6)")
+    g.add_argument("--completion-tokens", type=cli.positive_int, default=128, help="tokens generated per completion")
     g = p.add_argument_group("run")
-    g.add_argument("--steps", type=int, default=1, help="measured GRPO steps per path (after one short warm-up step "
+    g.add_argument("--steps", type=cli.positive_int, default=1, help="measured GRPO steps per path (after one short warm-up step "
                    "each)")
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     g.add_argument("--seed", type=int, default=0, help="random seed")

@@ -4,6 +4,8 @@
   shown beside its help, and flags are grouped under headers;
 - the flags several entry points have, added in one place (`add_video_flags`, `add_run_flags`,
   `add_snapshot_flags`), their defaults taken from the module that owns the setting;
+- checked number types for every numeric flag (`positive_int`, `probability`, ...): a bad value is an argparse
+  error (exit 2) when the arguments are parsed, before any data or model is read;
 - `run_cli(main)`: bad input or a stopped run ends with one clear line and a non-zero exit, not a traceback
   (unless --debug is given).
 """
@@ -11,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
 import data as D
+from chat_api import APIError
 from training import TrainingError
 
 
@@ -30,6 +34,32 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+def number(kind: type, *, low=None, high=None, low_open: bool = False, what: str = ""):
+    """An argparse type: `kind` (int or float) within [low, high] (low excluded with low_open); nan / inf refused."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        bad = (isinstance(value, float) and not math.isfinite(value)) or (
+            low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    parse.__name__ = what or kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_int = number(int, low=1, what="an integer >= 1")
+nonneg_int = number(int, low=0, what="an integer >= 0")
+positive_float = number(float, low=0, low_open=True, what="a number > 0")
+nonneg_float = number(float, low=0, what="a number >= 0")
+unit_float = number(float, low=0, high=1, what="a number in [0, 1]")
+probability = number(float, low=0, high=1, low_open=True, what="a number in (0, 1]")
+
+
 def parser(doc: str, whole: bool = False) -> argparse.ArgumentParser:
     """An ArgumentParser whose description is the first paragraph of `doc` (a module docstring), or all of it."""
     text = doc.strip() if whole else doc.strip().split("\n\n")[0]
@@ -38,8 +68,8 @@ def parser(doc: str, whole: bool = False) -> argparse.ArgumentParser:
 
 def add_video_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("video")
-    g.add_argument("--fps", type=float, default=D.FPS, help="frames sampled per second of video (paper: 1)")
-    g.add_argument("--max-frames", type=int, default=D.MAX_FRAMES, help="at most this many frames per video "
+    g.add_argument("--fps", type=positive_float, default=D.FPS, help="frames sampled per second of video (paper: 1)")
+    g.add_argument("--max-frames", type=positive_int, default=D.MAX_FRAMES, help="at most this many frames per video "
                    "(paper: 90)")
 
 
@@ -58,7 +88,7 @@ def add_snapshot_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
     g = p.add_argument_group("memory and snapshots")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save "
                    "memory (generation keeps its KV cache)")
-    g.add_argument("--save-every", type=int, default=50, help="write a resumable snapshot to OUT/resume every N steps "
+    g.add_argument("--save-every", type=nonneg_int, default=50, help="write a resumable snapshot to OUT/resume every N steps "
                    "(0 = only at the end)")
     g.add_argument("--resume", action="store_true", help=resume_help)
 
@@ -68,9 +98,10 @@ def run_cli(main) -> None:
     not a traceback (unless --debug is given)."""
     try:
         main()
-    except (D.DataError, TrainingError, OSError) as e:
+    except (D.DataError, TrainingError, APIError, OSError) as e:
         if "--debug" in sys.argv:
             raise
-        kind = "bad input" if isinstance(e, D.DataError) else "stopped" if isinstance(e, TrainingError) else "error"
+        kind = ("bad input" if isinstance(e, D.DataError) else "stopped" if isinstance(e, TrainingError)
+                else "service" if isinstance(e, APIError) else "error")
         print(f"{os.path.basename(sys.argv[0])}: {kind}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(e, D.DataError) else 1)

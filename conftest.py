@@ -198,7 +198,12 @@ OK_REPLY = '{"safe": true, "refusal": true, "helpfulness": 3}'
 
 
 class FakeAPI:
-    """A scripted OpenAI-compatible server on 127.0.0.1: each request pops the next action."""
+    """A scripted OpenAI-compatible server on 127.0.0.1: each request pops the next action, one of
+    ("reply", text): a chat completion whose content is text; ("sleep", s): answer OK_REPLY after s seconds;
+    ("status", code) or ("status", (code, headers)): that HTTP error, with those headers;
+    ("raw", bytes): HTTP 200 with that body as it is; ("echo", code): that HTTP error whose body echoes the
+    request's headers (a server that leaks the key); ("full", dict): HTTP 200 with that JSON object.
+    Every request is kept in .requests: path, Authorization header, JSON body."""
 
     def __init__(self, actions):
         self.actions, self.requests = list(actions), []
@@ -207,6 +212,14 @@ class FakeAPI:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):
                 pass
+
+            def _send(self, code, body: bytes, headers=()):
+                self.send_response(code)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -217,16 +230,17 @@ class FakeAPI:
                         time.sleep(arg)
                         kind, arg = "reply", OK_REPLY
                     if kind == "status":
-                        self.send_response(arg)
-                        self.end_headers()
-                        self.wfile.write(b'{"error": "scripted"}')
-                        return
-                    out = json.dumps({"choices": [{"message": {"role": "assistant", "content": arg}}]}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(out)))
-                    self.end_headers()
-                    self.wfile.write(out)
+                        code, headers = arg if isinstance(arg, tuple) else (arg, {})
+                        self._send(code, b'{"error": "scripted"}', headers.items())
+                    elif kind == "echo":
+                        self._send(arg, json.dumps({"error": "denied", "headers": dict(self.headers)}).encode())
+                    elif kind == "raw":
+                        self._send(200, arg, [("Content-Type", "application/json")])
+                    elif kind == "full":
+                        self._send(200, json.dumps(arg).encode(), [("Content-Type", "application/json")])
+                    else:
+                        out = {"choices": [{"message": {"role": "assistant", "content": arg}}]}
+                        self._send(200, json.dumps(out).encode(), [("Content-Type", "application/json")])
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
 

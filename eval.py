@@ -61,18 +61,18 @@ def parse_args(argv=None):
     g.add_argument("--data", help="eval JSONL, one record per line (default: the demo's eval split, written if "
                    "missing)")
     g.add_argument("--out", help="output directory (default: runs/eval; with --compare: print only, unless given)")
-    g.add_argument("--limit", type=int, help="evaluate only the first N records")
+    g.add_argument("--limit", type=cli.positive_int, help="evaluate only the first N records")
     g.add_argument("--no-video", action="store_true", help="the same queries without their video, for the paper's "
                    "DSR drop; writes *.no_video.* files beside the video run's in --out")
     g.add_argument("--plain-prompt", action="store_true", help="ask the bare query, without the structured-output "
                    "instruction (format rate and tag accuracies then mean little)")
     g.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, else fp32)")
     g = p.add_argument_group("generation")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    g.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="completion length limit; 768 is the "
+    g.add_argument("--batch-size", type=cli.positive_int, default=8, help="prompts per generate call")
+    g.add_argument("--max-new-tokens", type=cli.positive_int, default=MAX_NEW_TOKENS, help="completion length limit; 768 is the "
                    "official GRPO value")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, only when sampling")
+    g.add_argument("--temperature", type=cli.nonneg_float, default=0.0, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-p", type=cli.probability, default=1.0, help="nucleus sampling, only when sampling")
     g = p.add_argument_group("judge")
     g.add_argument("--judge", default="rule", help="rule (offline phrase detector), openai (any OpenAI-compatible "
                    "chat API) or hf:<name-or-path> (a local guard or instruct model)")
@@ -81,12 +81,12 @@ def parse_args(argv=None):
     g.add_argument("--judge-model", default="gpt-4o", help="model name sent to the API")
     g.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key; the "
                    "key is never printed or saved")
-    g.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
-    g.add_argument("--judge-retries", type=int, default=4, help="retries after a timeout, a connection error, HTTP 429 "
+    g.add_argument("--judge-timeout", type=cli.positive_float, default=60.0, help="seconds per judge request")
+    g.add_argument("--judge-retries", type=cli.nonneg_int, default=4, help="retries after a timeout, a connection error, HTTP 429 "
                    "or 5xx")
-    g.add_argument("--judge-workers", type=int, default=8, help="openai judge: requests in flight at once, within a "
+    g.add_argument("--judge-workers", type=cli.positive_int, default=8, help="openai judge: requests in flight at once, within a "
                    "generation batch")
-    g.add_argument("--judge-backoff", type=float, default=2.0, help="retry n waits backoff * 2**(n-1) s")
+    g.add_argument("--judge-backoff", type=cli.nonneg_float, default=2.0, help="retry n waits backoff * 2**(n-1) s")
     g = p.add_argument_group("compare")
     g.add_argument("--compare", nargs="+", metavar="DIR", help="evaluate nothing: put the runs in these --out folders "
                    "in one table")

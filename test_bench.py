@@ -5,6 +5,7 @@ import math
 
 import bench
 
+
 def test_bench_runs_and_reports(tmp_path):
     """bench.py end to end on a small shape: both paths run and the JSON carries the figures (no timing asserted)."""
     out = tmp_path / "bench.json"

@@ -59,3 +59,65 @@ def test_gives_up_loudly(api_key):
         assert len(api.requests) == 4 and api_key not in str(e.value) and "--judge-url" in str(e.value)
     finally:
         api.close()
+
+
+def test_not_a_chat_completion_is_not_retried(api_key):
+    for action in (("raw", b"<html>Welcome to nginx</html>"), ("full", {"object": "list", "data": []})):
+        api = FakeAPI([action] + [("reply", "ok")] * 3)
+        try:
+            with pytest.raises(APIError, match="not an OpenAI chat completion") as e:
+                client(api.url, retries=3).complete(MESSAGES, item="record a")
+            assert len(api.requests) == 1  # not a passing fault: asked once
+            assert "is the server up" not in str(e.value) and "--judge-url" in str(e.value)
+        finally:
+            api.close()
+
+
+def test_retry_after_is_honoured(api_key):
+    api = FakeAPI([("status", (429, {"Retry-After": "0.6"})), ("status", (503, {"Retry-After": "0.3"})), ("reply", "ok")])
+    try:
+        t = time.time()
+        assert client(api.url, retries=2).complete(MESSAGES, item="record a") == "ok"
+        assert time.time() - t >= 0.9  # 0.6 + 0.3, where the backoff alone would wait 0.01 + 0.02
+    finally:
+        api.close()
+    api = FakeAPI([("status", (429, {"Retry-After": "86400"}))])
+    try:
+        with pytest.raises(APIError, match="asks to retry in 86400 s"):
+            client(api.url, retries=2).complete(MESSAGES, item="record a")
+        assert len(api.requests) == 1
+    finally:
+        api.close()
+
+
+def test_key_is_redacted_from_errors_and_replies(api_key):
+    api = FakeAPI([("echo", 401), ("reply", f"your key is {api_key}, thanks")])
+    try:
+        with pytest.raises(APIError, match="HTTP 401") as e:
+            client(api.url).complete(MESSAGES, item="record a")
+        assert api_key not in str(e.value) and "***" in str(e.value)  # the body echoed the Authorization header
+        text = client(api.url).complete(MESSAGES, item="record a")
+        assert api_key not in text and text == "your key is ***, thanks"
+    finally:
+        api.close()
+
+
+def test_connection_refused_is_one_clear_error(api_key):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(APIError, match="failed 2 times .*cannot connect.*is the server up"):
+        client(f"http://127.0.0.1:{port}/v1", retries=1).complete(MESSAGES, item="record a")
+
+
+def test_extra_fields_reach_the_request(api_key):
+    reply = {"choices": [{"message": {"content": "3"}, "logprobs": {"content": [{"token": "3", "logprob": -0.1}]}}]}
+    api = FakeAPI([("full", reply)])
+    try:
+        choice = client(api.url).request(MESSAGES, item="record a", max_tokens=1, logprobs=True, top_logprobs=5)
+        assert choice["logprobs"]["content"][0]["token"] == "3"
+        assert api.requests[0]["body"]["top_logprobs"] == 5 and api.requests[0]["body"]["max_tokens"] == 1
+    finally:
+        api.close()

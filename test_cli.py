@@ -1,12 +1,17 @@
 """Bad input on the command line: one clear line and a non-zero exit (--debug shows the traceback), or with
 --skip-bad-records the bad records left out and named, in AT-SFT, GRPO and eval."""
 
+import argparse
 import json
 import os
+import socket
+
+import pytest
 
 import at_sft
 import grpo
 from conftest import GRPO, ONE_THREAD, SFT, run_script
+
 
 def test_bad_input_one_line_and_nonzero_exit(bad_data, demo_dir, tmp_path):
     r = run_script("at_sft.py", "--data", bad_data, "--out", str(tmp_path / "o"), *SFT, "--max-steps", "1")
@@ -46,3 +51,86 @@ def test_grpo_bad_input_one_line_and_skip(bad_data, tmp_path):
     assert "bad.jsonl:4" in text and "nope.mp4" in text and "broken-video" in text and "garbage.mp4" in text
     step = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))][1]
     assert step["step"] == 1 and 0 < step["completion_len"] <= 2  # the 6 good prompts; the broken one counts nowhere
+
+
+# -----------------------------------------------------------------------------
+# every numeric flag is checked when the arguments are parsed
+
+
+def parsers():
+    """{entry point: its ArgumentParser}, caught as each parses (argv ["--help"] never gets that far)."""
+    import bench
+    import cold_start
+    import eval as ev
+
+    found = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        found["p"] = self
+        raise SystemExit(0)
+
+    entry = {"at_sft": at_sft.get_args, "cold_start": lambda a: at_sft.get_args(a, stage="cold_start",
+                                                                                   doc=cold_start.__doc__),
+             "grpo": grpo.parse_args, "eval": ev.parse_args, "bench": bench.parse_args}
+    out = {}
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        for name, fn in entry.items():
+            try:
+                fn([])
+            except SystemExit:
+                out[name] = found.pop("p")
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return out
+
+
+def numeric_actions():
+    return [(name, a) for name, p in parsers().items() for a in p._actions
+            if a.option_strings and a.type is not None and a.type is not str]
+
+
+def test_no_numeric_flag_is_unchecked():
+    """Only --seed takes any integer; every other number goes through one of cli's checked types."""
+    plain = [(n, a.option_strings[0]) for n, a in numeric_actions() if a.type in (int, float) and a.dest != "seed"]
+    assert not plain, plain
+    assert len(numeric_actions()) > 40  # the walk found the flags
+
+
+BAD = {"an integer >= 1": ["0", "-1", "1.5"], "an integer >= 0": ["-1", "x"], "a number > 0": ["0", "-2", "nan"],
+       "a number >= 0": ["-0.1", "inf"], "a number in [0, 1]": ["-0.1", "1.5"], "a number in (0, 1]": ["0", "1.01"]}
+
+
+def test_every_bad_number_is_an_argparse_error(capsys):
+    seen = 0
+    for name, action in numeric_actions():
+        what = getattr(action.type, "__name__", "")
+        for value in BAD.get(what, []):
+            p = parsers()[name]
+            with pytest.raises(SystemExit) as e:
+                p.parse_args([action.option_strings[0], value])
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert action.option_strings[0] in err and what in err, err
+            seen += 1
+    assert seen > 80
+
+
+def test_group_size_and_alpha_order():
+    for argv in (["--group-size", "1"], ["--alpha-min", "0.6", "--alpha-max", "0.5"]):
+        with pytest.raises(SystemExit) as e:
+            grpo.parse_args(argv + ["--data", "x.jsonl"])
+        assert e.value.code == 2
+
+
+def test_judge_that_cannot_be_reached_is_one_line(demo_dir, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_script("eval.py", "--data", f"{demo_dir}/eval.jsonl", "--out", str(tmp_path / "e"), "--max-new-tokens", "2",
+                   "--judge", "openai", "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-retries", "1",
+                   "--judge-backoff", "0", "--device", "cpu", env=ONE_THREAD)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("eval.py: service: judge") and "cannot connect" in last and "is the server up" in last

@@ -15,6 +15,7 @@ import grpo
 import model as M
 import rollout
 
+
 def _one_prompt(name, demo_dir, index=0):
     llm = M.load_model(name, device="cpu", dtype="fp32")
     record = D.load_records(os.path.join(demo_dir, "grpo.jsonl"))[index]
