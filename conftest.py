@@ -202,7 +202,8 @@ class FakeAPI:
     ("reply", text): a chat completion whose content is text; ("sleep", s): answer OK_REPLY after s seconds;
     ("status", code) or ("status", (code, headers)): that HTTP error, with those headers;
     ("raw", bytes): HTTP 200 with that body as it is; ("echo", code): that HTTP error whose body echoes the
-    request's headers (a server that leaks the key); ("full", dict): HTTP 200 with that JSON object.
+    request's headers (a server that leaks the key); ("full", dict): HTTP 200 with that JSON object;
+    ("call", fn): a chat completion whose content is fn(request body), a reply that depends on what was sent.
     Every request is kept in .requests: path, Authorization header, JSON body."""
 
     def __init__(self, actions):
@@ -226,6 +227,8 @@ class FakeAPI:
                 api.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
                 kind, arg = api.actions.pop(0) if api.actions else ("reply", OK_REPLY)
                 try:
+                    if kind == "call":
+                        kind, arg = "reply", arg(body)
                     if kind == "sleep":
                         time.sleep(arg)
                         kind, arg = "reply", OK_REPLY

@@ -60,6 +60,7 @@ def test_grpo_bad_input_one_line_and_skip(bad_data, tmp_path):
 def parsers():
     """{entry point: its ArgumentParser}, caught as each parses (argv ["--help"] never gets that far)."""
     import bench
+    import build_data
     import cold_start
     import eval as ev
 
@@ -72,7 +73,8 @@ def parsers():
 
     entry = {"at_sft": at_sft.get_args, "cold_start": lambda a: at_sft.get_args(a, stage="cold_start",
                                                                                    doc=cold_start.__doc__),
-             "grpo": grpo.parse_args, "eval": ev.parse_args, "bench": bench.parse_args}
+             "grpo": grpo.parse_args, "eval": ev.parse_args, "bench": bench.parse_args,
+             "build_data": build_data.parse_args}
     out = {}
     argparse.ArgumentParser.parse_args = grab
     try:
