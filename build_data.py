@@ -319,7 +319,8 @@ class MotionScorer:
         for i in range(0, len(frames), 32):
             x = self._processor(images=list(frames[i:i + 32]), return_tensors="pt")["pixel_values"].to(self.device)
             h = self._model(pixel_values=x)
-            out.append((h.pooler_output if h.pooler_output is not None else h.last_hidden_state[:, 0]).float().cpu())
+            cls = getattr(h, "pooler_output", None)  # DINOv2: the CLS token after the final layer norm
+            out.append((cls if cls is not None else h.last_hidden_state[:, 0]).float().cpu())
         return torch.cat(out)  # (T, D)
 
     def motion(self, frames: np.ndarray) -> np.ndarray:
@@ -599,22 +600,25 @@ def record_stem(key: str) -> str:
 
 def make_pairs(key: str, label: dict, taxonomy: dict, langs: list[str], n_harmful: int, n_safe: int,
                seed: int) -> list[dict]:
-    """The video's (query, labels) pairs. Harmful video: n_harmful HH + n_safe SafeQ about its category; safe video:
-    n_harmful SH (risk category drawn from the taxonomy) + n_safe SafeQ about the video. Each query a template in a
-    language drawn from `langs`, no (language, query) twice; drawn from a generator seeded by (seed, video)."""
+    """The video's (query, labels) pairs. Harmful video: n_harmful HH + n_safe SafeQ about its category (its own
+    templates and the generic ones, which fit any category); safe video: n_harmful SH, each with a risk category
+    drawn from the taxonomy (that category's templates only, so the query matches the category it is labelled
+    with), + n_safe SafeQ about the video. Each query in a language drawn from `langs`, no (language, query) twice;
+    drawn from a generator seeded by (seed, video)."""
     rng, v, stem = random.Random(f"{seed}|{key}"), label["video_label"], record_stem(key)
 
-    def options(kind: str, cats: list[str]) -> list[tuple[str, str, str]]:  # (language, category, query)
+    def options(kind: str, cats: list[str], generic: bool) -> list[tuple[str, str, str]]:  # (language, category, query)
         out = []
         for lang in langs:
             for cat in cats:
-                own, generic = category_templates(lang, cat, taxonomy)[kind], TEMPLATES[lang]["categories"]["*"][kind]
-                out += [(lang, cat, q) for q in dict.fromkeys(own + generic)]
+                queries = category_templates(lang, cat, taxonomy)[kind] + (
+                    TEMPLATES[lang]["categories"]["*"][kind] if generic else [])  # a new list: the table stays
+                out += [(lang, cat, q) for q in dict.fromkeys(queries)]
         return out
 
-    harmful = options("HH", [label["category"]]) if v else options("SH", list(taxonomy))
-    safe = options("SafeQ", [label["category"]]) if v else [(lang, "", q) for lang in langs
-                                                              for q in TEMPLATES[lang]["SafeQ_safe"]]
+    harmful = options("HH", [label["category"]], True) if v else options("SH", list(taxonomy), False)
+    safe = options("SafeQ", [label["category"]], True) if v else [(lang, "", q) for lang in langs
+                                                                    for q in TEMPLATES[lang]["SafeQ_safe"]]
     pairs = []
     for subset, text_label, opts, n in (("HH" if v else "SH", 1, harmful, n_harmful), ("SafeQ", 0, safe, n_safe)):
         for j, (lang, cat, query) in enumerate(rng.sample(opts, min(n, len(opts)))):
@@ -743,8 +747,9 @@ class Run:
 
     def __init__(self, args, taxonomy: dict):
         self.args, self.taxonomy = args, taxonomy
-        local = os.environ.get("LOCAL_RANK")
-        self.device = args.device or (f"cuda:{local}" if local and torch.cuda.is_available() else M.default_device())
+        local = os.environ.get("LOCAL_RANK")  # under torchrun; ranks share the GPUs there are (decoding is on CPU)
+        gpus = torch.cuda.device_count()
+        self.device = args.device or (f"cuda:{int(local) % gpus}" if local and gpus else M.default_device())
         self.scorer = MotionScorer(args.static_filter, args.static_model, self.device, args.fps, args.max_frames)
         self.cache = Cache(args.out)
         self.csv = read_labels_csv(args.labels, taxonomy) if args.labels else None
@@ -1027,8 +1032,10 @@ def main(argv=None) -> dict:
             with open(os.path.join(run.cache.root, f"shard-{args.shard}-of-{args.num_shards}.done"), "w") as f:
                 f.write(os.environ.get("TORCHELASTIC_RUN_ID", ""))
             if not (torchrun and args.shard == 0):
+                then = ("rank 0 writes the splits when every rank is done" if torchrun else
+                        "when every shard is done, run the same command with --merge")
                 print(f"build_data.py: shard {args.shard} of {args.num_shards} done ({len(mine)} videos cached in "
-                      f"{run.cache.root}). When every shard is done, run the same command with --merge.")
+                      f"{run.cache.root}); {then}")
                 return {"shard": args.shard, "num_shards": args.num_shards, "videos": len(mine)}
             wait_for_shards(run)
             entries = {k: run.cache.load(k, p) for k, p in videos}

@@ -18,6 +18,9 @@ import io
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -389,6 +392,22 @@ def test_shards_then_merge_equal_one_run_and_seed(clips, labels_csv, tmp_path):
     assert [f["fate"] for f in other["videos"]] == [f["fate"] for f in one["videos"]]
     assert any((tmp_path / "one" / f"{s}.jsonl").read_text() != (tmp_path / "seed1" / f"{s}.jsonl").read_text()
                for s in B.SPLITS)
+
+
+@pytest.mark.distributed
+def test_torchrun_ranks_are_shards_and_rank0_merges(clips, labels_csv, tmp_path):
+    flags = ["--labels", labels_csv, "--skip-bad-records", "--split", "1,1,1,1", "--static-filter", "pixels"]
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), B.__file__, "--videos", str(clips), "--out", str(tmp_path / "ranks"), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "shard 1 of 2 done" in r.stdout and "rank 0 writes the splits" in r.stdout
+    B.main(["--videos", str(clips), "--out", str(tmp_path / "one"), *flags])
+    for s in B.SPLITS:
+        assert (tmp_path / "one" / f"{s}.jsonl").read_bytes() == (tmp_path / "ranks" / f"{s}.jsonl").read_bytes()
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 user's own taxonomy; and that the offline answers built from the templates read as eval.py's rule judge must read them
 (a refusal for every harmful request, none for a safe one) in all 10 languages."""
 
+import copy
 import json
 import re
 
@@ -50,7 +51,9 @@ def test_every_language_has_every_template_in_its_own_script():
 @pytest.mark.parametrize("description", ["a man swings a bat at another man", ""])
 def test_offline_answers_refuse_exactly_the_harmful_requests(description):
     """For every language and category: HH and SH answers are refusals the rule judge detects, SafeQ answers (about a
-    harmful or a safe video) are not, and every one passes the format reward with its own labels."""
+    harmful or a safe video) are not, and every one passes the format reward with its own labels. The tables are left
+    as they were."""
+    table = copy.deepcopy(TEMPLATES)
     for lang in LANGUAGES:
         for cat in TAXONOMY:
             sub = next(iter(TAXONOMY[cat]["subcategories"]))
@@ -67,6 +70,7 @@ def test_offline_answers_refuse_exactly_the_harmful_requests(description):
                 assert refused == bool(p["text_label"]), (lang, cat, p["subset"], R.parse_structured(target))
                 seen = TEMPLATES[lang]["seen"].split("{")[0]  # "The video shows: " etc.
                 assert (seen in target) == bool(description) and description in target, (lang, cat)
+    assert TEMPLATES == table
 
 
 def test_user_taxonomy(tmp_path):
