@@ -51,6 +51,9 @@ Where we chose (the paper publishes neither its thresholds, its prompts, its tax
   6k / 15k / 25k / 11.4k). Eval is balanced: HH, SH and SafeQ are cut to the smallest of them (seeded; the records
   cut are counted). Adding videos later can move a few videos near the split boundaries: keep your old eval.jsonl
   if you must compare runs across builds.
+- The cache reuses a result when the model (by its name, not the API's URL, so a server may move) and everything it
+  was shown (prompt, frames, fps) are the same; an unusable reply is remembered too (delete the video's cache file
+  to ask again). A local hf: model answers greedily first and samples (temperature 0.7, seeded) on retries.
 - Record videos are written relative to OUT (move OUT and --videos together, or keep them in place).
 """
 
@@ -508,6 +511,8 @@ class APIModel:
 
     def __init__(self, role: str, flag: str, args):
         opt = lambda name: getattr(args, f"{flag}_{name}")  # noqa: E731
+        if not os.environ.get(opt("key_env")):
+            print(f"note: ${opt('key_env')} is empty, so {role} requests carry no API key (fine for a local server)")
         self.client = ChatClient(opt("url"), opt("model"), opt("key_env"), timeout=opt("timeout"),
                                  retries=opt("retries"), backoff=args.api_backoff, name=role, flag=f"--{flag}")
         self.max_tokens, self.source = opt("max_tokens"), f"openai:{opt('model')}"
@@ -1004,10 +1009,13 @@ def wait_for_shards(run: Run) -> None:
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
     names = [os.path.join(run.cache.root, f"shard-{i}-of-{run.args.num_shards}.done")
              for i in range(run.args.num_shards)]
-    while True:
-        ready = [n for n in names if os.path.isfile(n) and open(n).read() == run_id]
-        if len(ready) == len(names):
-            return
+    def ready(name: str) -> bool:
+        if not os.path.isfile(name):
+            return False
+        with open(name) as f:
+            return f.read() == run_id  # not a file left by an earlier launch
+
+    while not all(map(ready, names)):
         time.sleep(5)
 
 
