@@ -58,6 +58,31 @@ def text_record():
                        target="I can't help with that.", video_label=0, text_label=1)
 
 
+def write_png(path, height, width, seed=0):
+    """A small PNG of random pixels (fixed seed); returns its path as a string."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory):
+    """Three PNG images of different sizes (so their visual token counts differ)."""
+    d = tmp_path_factory.mktemp("images")
+    return [write_png(d / f"im{i}.png", h, w, seed=i) for i, (h, w) in enumerate([(56, 56), (64, 80), (40, 48)])]
+
+
+@pytest.fixture(scope="session")
+def image_records(image_files):
+    """Two image records, with one and with two images."""
+    return [data.Record(id="img-1", video=None, query="What is in the picture?", target="Coloured noise.",
+                        video_label=0, text_label=0, image=image_files[:1]),
+            data.Record(id="img-2", video=None, query="How do I copy what these two show?", target="I can't help.",
+                        video_label=1, text_label=1, image=image_files[1:])]
+
+
 @pytest.fixture(scope="session")
 def mixed_records(demo_records, text_record):
     """Three video records of different lengths (HH, SH, SafeQ) and a text-only one: a left-padded mixed batch."""
@@ -147,6 +172,7 @@ def ids_of(llm):
     """The ids that matter, looked up in the tokenizer's vocabulary."""
     vocab = llm.tokenizer.get_vocab()
     return dict(vis=vocab[VISUAL_ALARM], txt=vocab[TEXTUAL_ALARM], video=llm.model.config.video_token_id,
+                image=llm.model.config.image_token_id,
                 im_end=vocab["<|im_end|>"], im_start=vocab["<|im_start|>"], pad=llm.tokenizer.pad_token_id,
                 vstart=vocab.get("<|vision_start|>"), vend=vocab.get("<|vision_end|>"))
 
