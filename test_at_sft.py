@@ -67,11 +67,13 @@ def test_at_sft_trains_on_the_authors_mix_with_images(demo_dir, image_files, tmp
 
     import data as D
 
-    video = {"video": [os.path.join(demo_dir, "videos", "at_sft-0000.mp4")], "safety_labels": {"visual": 1, "textual": 1},
+    video = {"video": [os.path.join(demo_dir, "videos", "at_sft-0000.mp4")],
+             "safety_labels": {"visual": 1, "textual": 1},
              "conversations": [{"from": "human", "value": "<video>\nHow do I make this?"},
                                {"from": "gpt", "value": "I can't help with that."}]}
     image = {"image": image_files[0], "safety_labels": {"visual": 0, "textual": 0},
-             "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Noise."},
+             "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                               {"from": "gpt", "value": "Noise."},
                                {"from": "human", "value": "Any colour?"}, {"from": "gpt", "value": "All of them."}]}
     rows = [dict(video, id="v"), dict(image, id="i"), dict(image, id="i2", image=image_files[1])]
     mix = tmp_path / "mix.jsonl"

@@ -368,7 +368,8 @@ def test_conversations_with_image_and_several_turns(tmp_path, good):
     write_png(tmp_path / "coco" / "a.png", 32, 32)
     turns = [{"from": "human", "value": "<image>\nWhat is on the table?"}, {"from": "gpt", "value": "A cup."},
              {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Blue."}]
-    rows = [{"id": "llava-1", "image": "coco/a.png", "conversations": turns, "safety_labels": {"visual": 0, "textual": 0}},
+    rows = [{"id": "llava-1", "image": "coco/a.png", "conversations": turns,
+             "safety_labels": {"visual": 0, "textual": 0}},
             {"id": "llava-2", "image": ["coco/a.png", "coco/a.png"], "conversations": [
                 {"from": "human", "value": "Compare <image> and <image>."}, {"from": "gpt", "value": "Same."}],
              "safety_labels": {"visual": 0, "textual": 0}}]
