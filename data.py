@@ -219,14 +219,17 @@ def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = No
     return records
 
 
-def _bad(err: DataError, skip_bad: bool, skipped: dict | None) -> None:
-    """Raise a bad-input error, or (skip_bad) log it and note it in `skipped`."""
+def bad_record(err: DataError, skip_bad: bool, skipped: dict | None) -> None:
+    """Raise a bad-input error, or (skip_bad) log it and note it in `skipped` (its where -> the message)."""
     if not skip_bad:
         raise err
     where = str(err).split(": ", 1)[0]
     if skipped is not None and where not in skipped:
         skipped[where] = str(err)
         print(f"skipping bad record: {err}", file=sys.stderr)
+
+
+_bad = bad_record  # the short name this module uses
 
 
 def run_order(n: int, needed: int, seed: int) -> list[int]:
