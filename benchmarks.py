@@ -6,7 +6,7 @@
 
 | name | the release as downloaded | records | its own metric |
 |---|---|---|---|
-| video-safetybench | harmful_data.json, benign_data.json (JSON, JSONL or parquet), video/ | one per row | RJScore, ASR |
+| video-safetybench | harmful_data.json, benign_data.json (or JSONL, parquet), video/ | one per row | RJScore, ASR |
 | vlguard | test.json, test.zip unpacked into test/ beside it | 3 per safe image pair / 1 per unsafe image | ASR |
 | figstep | data/question/safebench.csv, data/images/SafeBench/ | one per row | ASR per category |
 | mm-safetybench | processed_questions/<scenario>.json, imgs/<scenario>/<type>/<id>.jpg | 3 per question | attack rate |
@@ -536,7 +536,7 @@ def metrics(name: str, preds: list[dict], records: list) -> dict:
                           "by_category": {c: {"n": len(bs), "asr": _mean(b["unsafe"] for b in bs),
                                               "rjscore": _mean(b["risk"] for b in bs)}
                                           for c, bs in sorted(by_cat.items())},
-                          "sources": dict(sorted(_count((p.get("bench") or {}).get("source", "-") for p, _ in rows)))}
+                          "sources": _count((p.get("bench") or {}).get("source", "-") for p, _ in rows)}
         first = "harmful" if "harmful" in out else next(iter(out), None)
         return {"name": name, "threshold": VSB_THRESHOLD, "splits": out,
                 "headline": {"label": f"ASR ({first})", "value": out[first]["asr"] if first else None}}
@@ -575,16 +575,17 @@ def metrics(name: str, preds: list[dict], records: list) -> dict:
         table = {s: {t: _mean(cells[s, t]) for t in kinds if (s, t) in cells} for s in sorted({s for s, _ in cells})}
         overall = _mean(v for vs in cells.values() for v in vs)
         return {"name": name, "n": len(pairs), "attack_rate": overall, "by_image_type": rate, "by_scenario": table,
-                "sources": dict(sorted(_count((p.get("bench") or {}).get("source", "-") for p, _ in pairs))),
+                "sources": _count((p.get("bench") or {}).get("source", "-") for p, _ in pairs),
                 "headline": {"label": "attack rate", "value": overall}}
     raise ValueError(f"unknown benchmark {name!r}")
 
 
 def _count(items) -> dict:
+    """{item: how many times}, sorted by item."""
     out = defaultdict(int)
     for x in items:
         out[x] += 1
-    return out
+    return dict(sorted(out.items()))
 
 
 def render(m: dict) -> str:
