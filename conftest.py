@@ -281,6 +281,20 @@ class FakeAPI:
         self.server.server_close()
 
 
+def tiny_causal_lm(path):
+    """A random tiny causal LM (fixed seed) with the demo's tokenizer and ChatML template, saved to `path`."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(demo.tiny_model_path("tiny-videollama3"))
+    tok.chat_template = demo.chat_template("videollama3")
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)  # a fixed random model: the same reply every run
+    Qwen2ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 # -----------------------------------------------------------------------------
 # Public safety benchmarks, each in its release's own files and layout (benchmarks.py reads them)
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import judges
-from conftest import FakeAPI, structured
+from conftest import FakeAPI, structured, tiny_causal_lm
 from data import Record
 from demo import REDIRECT, REFUSAL, SAFE_QA
 
@@ -88,22 +88,6 @@ def test_openai_judge_retries_after_500_and_falls_back_on_gibberish(api_key):
 
 # -----------------------------------------------------------------------------
 # a local model as judge
-
-
-def tiny_causal_lm(path):
-    """A random tiny causal LM (fixed seed) with the demo's tokenizer and ChatML template, saved to `path`."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from demo import chat_template, tiny_model_path
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-videollama3"))
-    tok.chat_template = chat_template("videollama3")
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)  # a fixed random model: the same reply every run
-    Qwen2ForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.parametrize("name", ["tiny-instruct", "tiny-guard"])
