@@ -78,8 +78,8 @@ def parse_args(argv=None):
                    "holding video/)")
     g.add_argument("--out", help="output directory (default: runs/eval; with --compare: print only, unless given)")
     g.add_argument("--limit", type=cli.positive_int, help="evaluate only the first N records")
-    g.add_argument("--no-video", action="store_true", help="the same queries without their video, for the paper's "
-                   "DSR drop; writes *.no_video.* files beside the video run's in --out")
+    g.add_argument("--no-video", action="store_true", help="the same queries without their video (or images), for the "
+                   "paper's DSR drop; writes *.no_video.* files beside the video run's in --out")
     g.add_argument("--plain-prompt", action="store_true", help="ask the bare query, without the structured-output "
                    "instruction (format rate and tag accuracies then mean little)")
     g.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, else fp32)")

@@ -344,3 +344,11 @@ def test_local_judge_batches_a_generation_batch(demo, tmp_path, monkeypatch):
                         lambda self, calls: sizes.append(len(calls)) or real(self, calls))
     m = run_eval(demo, tmp_path / "hf", "--judge", f"hf:{tiny_causal_lm(tmp_path / 'judge')}")
     assert sizes == [4, 2] and m["n"] == 6  # one batched call per generation batch of --batch-size 4
+
+
+def test_benchmark_missing_video_skipped_and_counted(vsb, tmp_path):
+    os.remove(vsb / "video" / "10_Hate" / "Race" / "2.mp4")
+    m = bench_eval(vsb, tmp_path / "skip", "--skip-bad-records")
+    assert m["n"] == 4 and m["skipped_records"] == 2 and all("2.mp4" in why for why in m["skipped"])
+    assert m["benchmark"]["splits"]["harmful"]["n"] == 2 and m["benchmark"]["splits"]["harmful"]["sources"] == {
+        "rule": 2}
