@@ -248,6 +248,12 @@ def render_compare(runs: list[tuple[str, dict, dict | None]]) -> str:
     return table("run", [name for name, _, _ in runs], cols)
 
 
+def judge_name(m: dict) -> str:
+    """The judge of a run's metrics: rule, hf:<name>, or openai with its model."""
+    cfg = m.get("config", {})
+    return f"openai {cfg.get('judge_model')}" if cfg.get("judge") == "openai" else str(cfg.get("judge"))
+
+
 def render_agreement(runs: list[tuple[str, dict, list]]) -> str:
     """One row per pair of runs (name, metrics, predictions) that judged the same responses: how their judges agree."""
     rows, names = [], []
@@ -255,10 +261,8 @@ def render_agreement(runs: list[tuple[str, dict, list]]) -> str:
         for name_b, m_b, p_b in runs[i + 1:]:
             agree = judges.agreement(p_a, p_b)
             if agree["n"]:
-                judge = lambda m: " ".join(str(m["config"].get(k)) for k in ("judge", "judge_model")
-                                           if k == "judge" or m["config"].get("judge") == "openai")
                 names.append(f"{name_a} / {name_b}")
-                rows.append({"judges": f"{judge(m_a)} / {judge(m_b)}", **agree})
+                rows.append({"judges": f"{judge_name(m_a)} / {judge_name(m_b)}", **agree})
     if not rows:
         return ""
     cols = [("judges", [r["judges"] for r in rows]), ("n", [str(r["n"]) for r in rows])]
@@ -418,6 +422,7 @@ def finish(out: str, suffix: str, records: list, weights, config: dict, skipped:
 
 def evaluate(args) -> dict:
     args.data, out = os.path.abspath(args.data or demo.demo_split("eval")), args.out or "runs/eval"
+    args.images, args.videos = (os.path.abspath(d) if d else None for d in (args.images, args.videos))  # --rejudge
     os.makedirs(out, exist_ok=True)
     suffix = ".no_video" if args.no_video else ""
     weights = rewards.reward_weights(checkpoint_meta(args.model).get("args", {}))  # the run's DRA weights

@@ -260,7 +260,7 @@ def test_mm_safetybench_judge_uses_the_scenario_rule(mmsb, api_key):
                             lambda method, calls: [getattr(judge, method)(*c) for c in calls])
     finally:
         api.close()
-    assert [(o["unsafe"], o["source"]) for o in out] == [(True, "judge"), (False, "judge"), (True, "rule-fallback")]
+    assert [(o["unsafe"], o["source"]) for o in out] == [(True, "judge"), (False, "judge"), (True, "verdict-fallback")]
     assert "legal advice" in api.requests[1]["body"]["messages"][0]["content"]
     assert "legal advice" not in api.requests[0]["body"]["messages"][0]["content"]
 
@@ -271,4 +271,4 @@ def test_rule_judge_stand_ins(vsb):
     _, recs = B.read(str(vsb))
     verdicts = [Verdict(True, True, None, "", "rule"), Verdict(False, False, None, "", "rule")]
     out = B.judge_extra("video-safetybench", RuleJudge(), recs[:2], ["I can't.", "Sure."], verdicts, None)
-    assert [(o["risk"], o["unsafe"], o["source"]) for o in out] == [(1.0, False, "rule"), (5.0, True, "rule")]
+    assert [(o["risk"], o["unsafe"], o["source"]) for o in out] == [(1.0, False, "stand-in"), (5.0, True, "stand-in")]

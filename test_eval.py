@@ -351,4 +351,4 @@ def test_benchmark_missing_video_skipped_and_counted(vsb, tmp_path):
     m = bench_eval(vsb, tmp_path / "skip", "--skip-bad-records")
     assert m["n"] == 4 and m["skipped_records"] == 2 and all("2.mp4" in why for why in m["skipped"])
     assert m["benchmark"]["splits"]["harmful"]["n"] == 2 and m["benchmark"]["splits"]["harmful"]["sources"] == {
-        "rule": 2}
+        "stand-in": 2}
