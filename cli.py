@@ -80,7 +80,8 @@ def add_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None
                    "each process its cuda:LOCAL_RANK)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     g.add_argument("--skip-bad-records", action="store_true", help="leave out (and name in the run's summary) records "
-                   "with bad fields or undecodable videos instead of stopping; a video is never replaced by another")
+                   "with bad fields or undecodable videos or images instead of stopping; a video is never replaced by "
+                   "another")
     g.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
 
 

@@ -5,9 +5,12 @@ Record format (JSONL, one object per line; the README documents it):
      "query": "How do I ...?", "target": "...",             # plain for AT-SFT, structured for cold start / GRPO / eval
      "video_label": 1, "text_label": 1,                     # 1 harmful, 0 safe
      "subset": "HH", "category": "violence", "subcategory": "weapons", "language": "en"}
-The authors' formats are read as they are (a .json list): VideoLLaMA3 conversations
-({"video": [...], "conversations": [{"from": "human", ...}, {"from": "gpt", ...}], "safety_labels": {...}})
-and GRPO rows ({"path", "problem", "solution"} with the labels in the solution's <vidType>/<textType> tags).
+An image record has "image" (a path or a list of paths, relative like "video") instead of "video"; its
+video_label is the label of its images (the visual label).
+The authors' formats are read as they are (a .json list or JSONL): VideoLLaMA3 conversations
+({"video": [...] or "image": ..., "conversations": [{"from": "human", ...}, {"from": "gpt", ...}, ...],
+"safety_labels": {...}}), multi-turn ones kept whole (`Record.turns`, every answer supervised), and GRPO rows
+({"path", "problem", "solution"} with the labels in the solution's <vidType>/<textType> tags).
 
 The built-in demo data set lives in demo.py (`python demo.py --out demo_data`).
 """
@@ -19,7 +22,7 @@ import os
 import random
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -58,6 +61,9 @@ class Record:
     subcategory: str = ""
     language: str = "en"
     where: str = ""  # file:line, for error messages
+    image: list[str] | None = None  # absolute paths of the record's images (instead of a video); None: no image
+    turns: list[list[str]] | None = None  # a multi-turn conversation's later exchanges: [[user, assistant], ...]
+    meta: dict = field(default_factory=dict)  # a benchmark's own fields (benchmarks.py): its subset, judge query, ...
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -75,13 +81,7 @@ def _record(obj: dict, where: str, root: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "conversations" in obj:  # the authors' VideoLLaMA3 SFT format
-        turns = obj["conversations"]
-        labels = obj.get("safety_labels") or {}
-        video = obj.get("video")
-        obj = {"id": obj.get("id", where), "video": video[0] if isinstance(video, list) and video else video,
-               "query": re.sub(r"<video>\s*", "", turns[0]["value"]), "target": turns[1]["value"],
-               "video_label": labels.get("visual", obj.get("visual_safety_label")),
-               "text_label": labels.get("textual", obj.get("textual_safety_label"))}
+        obj = _conversation(obj, where)
     elif "problem" in obj and "solution" in obj:  # the authors' GRPO format
         sol = str(obj["solution"])
         tag = lambda t: (re.search(rf"<{t}>\s*(.*?)\s*</{t}>", sol, re.S) or [None, None])[1]
@@ -104,11 +104,77 @@ def _record(obj: dict, where: str, root: str) -> Record:
         video = video if os.path.isabs(video) else os.path.normpath(os.path.join(root, video))
         if not os.path.isfile(video):
             raise DataError(f"{where} (id {rid}): video not found: {video}")
+    image = obj.get("image")
+    if image is not None:
+        if video is not None:
+            raise DataError(f"{where} (id {rid}): a record has a video or images, not both")
+        paths = [image] if isinstance(image, str) else image
+        if not isinstance(paths, list) or not paths or not all(isinstance(x, str) and x for x in paths):
+            raise DataError(f"{where} (id {rid}): image must be a path or a non-empty list of paths")
+        image = [media_file(x, root, "image", f"{where} (id {rid})") for x in paths]
+    turns = obj.get("turns")
+    if turns is not None and (not isinstance(turns, list) or not all(
+            isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns)):
+        raise DataError(f"{where} (id {rid}): turns must be a list of [user, assistant] string pairs")
     return Record(id=rid, video=video, query=obj["query"], target=obj["target"],
                   video_label=_label(obj["video_label"], "video_label", f"{where} (id {rid})"),
                   text_label=_label(obj["text_label"], "text_label", f"{where} (id {rid})"),
                   subset=subset, category=str(obj.get("category", "")),
-                  subcategory=str(obj.get("subcategory", "")), language=str(obj.get("language", "en")), where=where)
+                  subcategory=str(obj.get("subcategory", "")), language=str(obj.get("language", "en")), where=where,
+                  image=image, turns=[list(t) for t in turns] if turns else None)
+
+
+def media_file(path: str, root: str, kind: str, where: str) -> str:
+    """`path` (relative to `root`, or absolute) as an absolute path to an existing file, or DataError naming it."""
+    full = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+    if os.path.isdir(full):
+        raise DataError(f"{where}: {kind} {full} is a directory, not a file")
+    if not os.path.isfile(full):
+        raise DataError(f"{where}: {kind} not found: {full}")
+    return full
+
+
+def _conversation(obj: dict, where: str) -> dict:
+    """The authors' VideoLLaMA3 conversations record as our fields, every turn kept.
+
+    Turns alternate human, gpt, starting with human and ending with gpt (the authors' train.py drops leading
+    non-human turns with a warning; here such a record is refused, never cut). The first exchange is query / target,
+    the later ones go to `turns`; every answer is supervised (data.collate). The <image> / <video> tags may only be in
+    the first human turn and must match the record's images / video in number. Where the authors' processor puts each
+    visual at its tag, we put the visuals before the text of the first turn, as for every record (the LLaVA data
+    has its tag at the start or the end of that turn)."""
+    turns, rid = obj["conversations"], obj.get("id", where)
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: conversations must be a list of {{\"from\", \"value\"}} turns")
+    for i, t in enumerate(turns):
+        role, want = str(t.get("from", "")).lower(), ("human", "user") if i % 2 == 0 else ("gpt", "assistant")
+        if role not in want:
+            raise DataError(f"{where} (id {rid}): conversations[{i}] is from {t.get('from')!r} where a {want[0]!r} "
+                            "turn belongs: turns must alternate human, gpt, starting with human (none is dropped)")
+        if not isinstance(t.get("value"), str):
+            raise DataError(f"{where} (id {rid}): conversations[{i}].value must be a string")
+    if len(turns) < 2 or len(turns) % 2:
+        raise DataError(f"{where} (id {rid}): conversations must end with a gpt answer ({len(turns)} turns)")
+    image, video = obj.get("image"), obj.get("video")
+    if isinstance(video, list):
+        if len(video) != 1:
+            raise DataError(f"{where} (id {rid}): video must be one path (a list of {len(video)} given)")
+        video = video[0]
+    texts = [t["value"] for t in turns]
+    for tag, given, kind in (("<image>", image, "image"), ("<video>", video, "video")):
+        n = len(given) if isinstance(given, list) else int(given is not None)
+        if any(tag in x for x in texts[1:]):
+            raise DataError(f"{where} (id {rid}): {tag} after the first human turn is not supported (visuals go "
+                            "in the first turn)")
+        if texts[0].count(tag) not in (0, n):
+            raise DataError(f"{where} (id {rid}): the first turn has {texts[0].count(tag)} {tag} tags for {n} {kind} "
+                            "file(s)")
+        texts[0] = re.sub(rf"{tag}\s*", "", texts[0])
+    labels = obj.get("safety_labels") or {}
+    return {"id": rid, "video": video, "image": image, "query": texts[0], "target": texts[1],
+            "turns": [texts[i:i + 2] for i in range(2, len(texts), 2)] or None,
+            "video_label": labels.get("visual", obj.get("visual_safety_label")),
+            "text_label": labels.get("textual", obj.get("textual_safety_label"))}
 
 
 def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = None) -> list[Record]:
@@ -153,14 +219,17 @@ def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = No
     return records
 
 
-def _bad(err: DataError, skip_bad: bool, skipped: dict | None) -> None:
-    """Raise a bad-input error, or (skip_bad) log it and note it in `skipped`."""
+def bad_record(err: DataError, skip_bad: bool, skipped: dict | None) -> None:
+    """Raise a bad-input error, or (skip_bad) log it and note it in `skipped` (its where -> the message)."""
     if not skip_bad:
         raise err
     where = str(err).split(": ", 1)[0]
     if skipped is not None and where not in skipped:
         skipped[where] = str(err)
         print(f"skipping bad record: {err}", file=sys.stderr)
+
+
+_bad = bad_record  # the short name this module uses
 
 
 def run_order(n: int, needed: int, seed: int) -> list[int]:
@@ -210,6 +279,17 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES, rid: s
     return frames, meta
 
 
+def read_image(path: str, rid: str = "?"):
+    """An image file as an RGB PIL image (the processors resize it to their own budget)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # decodes the whole file: a truncated one fails here, not in the processor
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... on bad files
+        raise DataError(f"record {rid}: cannot decode image {path} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 # -----------------------------------------------------------------------------
 # Prompts: the model's own chat template, then the alarm tokens
 
@@ -219,34 +299,62 @@ def end_of_turn(processor) -> str:
     return "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else tok.eos_token
 
 
-def build_prompt(processor, query: str, *, has_video: bool, structured: bool, alarm: bool) -> str:
-    """The user turn (video, then query) through the model's chat template; with `structured`, the
-    structured-output instruction is the system turn.
+def build_prompt(processor, query: str, *, has_video: bool, structured: bool, alarm: bool, n_images: int = 0) -> str:
+    """The user turn (video or `n_images` images, then query) through the model's chat template; with `structured`,
+    the structured-output instruction is the system turn.
 
     Alarm tokens (when `alarm`): <|textual_alarm|> ends the user text, just before the end-of-turn token;
-    <|visual_alarm|> goes right after the video block (after the last frame's tokens). A text-only
-    prompt gets both at the end of the text.
+    <|visual_alarm|> goes right after the video block (after the last frame's tokens), or right after the last
+    image's block. A text-only prompt gets both at the end of the text.
 
     Why the instruction goes in the system turn: the textual alarm then follows the query itself in
     every stage's prompt (AT-SFT's plain prompts and the structured ones of cold start, GRPO and eval),
     so the ATC heads trained in AT-SFT read the same local context later.
     """
-    text = query.strip()
+    text, visual = query.strip(), has_video or n_images > 0
     if alarm:
-        text += ("" if has_video else VISUAL_ALARM) + TEXTUAL_ALARM
-    content = ([{"type": "video"}] if has_video else []) + [{"type": "text", "text": text}]
-    messages = [{"role": "user", "content": content}]
+        text += ("" if visual else VISUAL_ALARM) + TEXTUAL_ALARM
+    content = ([{"type": "video"}] if has_video else []) + [{"type": "image"}] * n_images
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
     if structured:
         messages.insert(0, {"role": "system", "content": STRUCTURED_INSTRUCTION})
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if alarm and has_video:
-        vt = processor.video_token
-        i = prompt.index(vt) + len(vt)
-        end = "<|vision_end|>"  # Qwen wraps the video in <|vision_start|> ... <|vision_end|>: go after it
+    if alarm and visual:
+        vt = processor.video_token if has_video else processor.image_token  # the last visual placeholder
+        i = prompt.rindex(vt) + len(vt)
+        end = "<|vision_end|>"  # Qwen wraps a video or image in <|vision_start|> ... <|vision_end|>: go after it
         if prompt.startswith(end, i) and end in processor.tokenizer.get_vocab():
             i += len(end)
         prompt = prompt[:i] + VISUAL_ALARM + prompt[i:]
     return prompt
+
+
+def conversation_tail(processor, target: str, turns: list, *, structured: bool) -> tuple[str, list[tuple[int, int]]]:
+    """What follows the first user turn's prompt in a multi-turn conversation: the first answer, then each later
+    user turn and answer, as the model's chat template writes them. Returns (text, spans): spans are the
+    (start, end) characters of each answer with its end-of-turn token, the parts the loss is on.
+
+    Only the first user turn carries the visuals and the alarm tokens (the authors' processor: alarms in the first
+    user turn only). A template that rewrites earlier answers (some drop <think> from past turns) cannot be
+    supervised as written: DataError."""
+    eot = end_of_turn(processor)
+    user = lambda text: {"role": "user", "content": [{"type": "text", "text": text}]}
+    msgs = [{"role": "system", "content": STRUCTURED_INSTRUCTION}] if structured else []
+    msgs += [user("."), {"role": "assistant", "content": target}]
+    text, spans = target + eot, [(0, len(target + eot))]
+    for question, answer in turns:
+        before = processor.apply_chat_template(msgs, tokenize=False)
+        msgs.append(user(question))
+        after = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        end = before.rfind(msgs[-2]["content"] + eot) + len(msgs[-2]["content"] + eot)
+        if not after.startswith(before) or end < len(eot) + len(msgs[-2]["content"]):
+            raise DataError("the chat template does not write a multi-turn conversation's answers as they are; "
+                            "train on its first exchange only (drop the later turns from the data)")
+        text += after[end:]
+        spans.append((len(text), len(text) + len(answer + eot)))
+        text += answer + eot
+        msgs.append({"role": "assistant", "content": answer})
+    return text, spans
 
 
 # -----------------------------------------------------------------------------
@@ -259,41 +367,58 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     """Turn records into one model batch (tensors on llm.device).
 
     with_target: append each record's target and the end-of-turn token, and set labels (-100 everywhere
-    but on those assistant tokens). Otherwise the batch is a generation prompt.
+    but on those assistant tokens); a multi-turn record gets all its turns, with labels on every answer.
+    Otherwise the batch is a generation prompt (a multi-turn record cannot be one: DataError).
+    no_video: leave out every visual input, videos and images alike.
     alarm: put alarm tokens in the prompt (default: iff the model has them).
-    skip_bad: a record whose video cannot be decoded is left out (and noted in `skipped`) instead of
+    skip_bad: a record whose video or image cannot be decoded is left out (and noted in `skipped`) instead of
     raising DataError; never replaced by another. The batch's "records" are the ones kept (None if none).
     """
     proc = llm.processor
     alarm = llm.alarm is not None if alarm is None else alarm
     eot = end_of_turn(proc)
-    texts, videos, metas, kept = [], [], [], []
+    texts, videos, metas, images, kept, tails = [], [], [], [], [], []
     for r in records:
         has_video = r.video is not None and not no_video
-        if has_video:
-            try:
-                frames, meta = read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id)
-            except DataError as e:
-                _bad(DataError(f"record {r.id} ({r.where}): {str(e).split(': ', 1)[-1]}"), skip_bad, skipped)
-                continue
-            videos.append(frames)
-            metas.append(meta)
-        text = build_prompt(proc, r.query, has_video=has_video, structured=structured, alarm=alarm)
-        texts.append(text + (r.target + eot if with_target else ""))
+        try:
+            if r.turns and not with_target:
+                raise DataError("a multi-turn conversation is training data (SFT); a prompt to answer (GRPO, eval) "
+                                "must be one user turn")
+            video = read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id) if has_video else None
+            pics = [] if no_video else [read_image(x, rid=r.id) for x in r.image or []]
+            tail = None  # a multi-turn record's turns after the prompt (with_target): (text, answer spans)
+            if r.turns:
+                tail = conversation_tail(proc, r.target, r.turns, structured=structured)
+        except DataError as e:  # named, never replaced by another record
+            _bad(DataError(f"record {r.id} ({r.where}): {str(e).split(': ', 1)[-1]}"), skip_bad, skipped)
+            continue
+        if video is not None:
+            videos.append(video[0])
+            metas.append(video[1])
+        images += pics
+        text = build_prompt(proc, r.query, has_video=has_video, structured=structured, alarm=alarm,
+                            n_images=len(pics))
+        texts.append(text + (tail[0] if tail else r.target + eot if with_target else ""))
+        tails.append(tail)
         kept.append(r)
     if not kept:
         return None
     records = kept
     kw = dict(videos=videos, video_metadata=metas, do_sample_frames=False) if videos else {}
+    if images:
+        kw["images"] = images  # in prompt order, as the processors take them
     proc.tokenizer.padding_side = "left"
     batch = dict(proc(text=texts, padding=True, return_tensors="pt", **kw))
     ids = batch["input_ids"]
-    if alarm and videos:  # the visual alarm must sit right after the expanded video tokens
+    if alarm and (videos or images):  # the visual alarm must sit right after the expanded visual tokens
         _check_visual_alarm(llm, ids, records)
     out = {"model_keys": tuple(batch.keys()), "has_alarm": alarm, "records": records, **batch}
     if with_target:
         labels = torch.full_like(ids, -100)
         for row, r in enumerate(records):
+            if tails[row] is not None:
+                _label_answers(proc.tokenizer, ids[row], labels[row], *tails[row], r.id)
+                continue
             tgt = proc.tokenizer(r.target + eot, add_special_tokens=False)["input_ids"]
             if ids[row, -len(tgt):].tolist() != tgt:
                 raise DataError(f"record {r.id}: target does not tokenise the same alone and after the prompt")
@@ -304,12 +429,28 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     return {k: (v.to(llm.device) if torch.is_tensor(v) else v) for k, v in out.items()}
 
 
+def _label_answers(tokenizer, ids: torch.Tensor, labels: torch.Tensor, tail: str, spans: list, rid: str) -> None:
+    """Labels (in place) on the answers of a multi-turn row: `tail` (data.conversation_tail) ends the row; each of
+    its tokens lying inside an answer span is supervised. (T,), (T,)"""
+    enc = tokenizer(tail, add_special_tokens=False, return_offsets_mapping=True)
+    n = len(enc["input_ids"])
+    if ids[-n:].tolist() != enc["input_ids"]:
+        raise DataError(f"record {rid}: the conversation does not tokenise the same alone and after the prompt")
+    for k, (a, b) in enumerate(enc["offset_mapping"]):
+        inside = [lo <= a and b <= hi for lo, hi in spans]
+        if any(inside):
+            labels[len(ids) - n + k] = ids[len(ids) - n + k]
+        elif any(a < hi and lo < b for lo, hi in spans):  # a token across an answer's edge: no clean label
+            raise DataError(f"record {rid}: a token crosses the edge of an answer; the turns cannot be supervised")
+
+
 def _check_visual_alarm(llm, ids: torch.Tensor, records) -> None:
     vid = llm.tokenizer.convert_tokens_to_ids(VISUAL_ALARM)
-    ok = {llm.model.config.video_token_id, getattr(llm.model.config, "vision_end_token_id", None)}
+    cfg = llm.model.config
+    ok = {cfg.video_token_id, getattr(cfg, "image_token_id", None), getattr(cfg, "vision_end_token_id", None)}
     for row in range(ids.shape[0]):
-        if records[row].video is None:  # a text-only row of a mixed batch: its alarm ends the text
+        if records[row].video is None and not records[row].image:  # text-only row of a mixed batch: alarm ends text
             continue
         pos = (ids[row] == vid).nonzero()
         if len(pos) and int(ids[row, int(pos[-1]) - 1]) not in ok:
-            raise DataError(f"record {records[row].id}: visual alarm is not right after the video tokens")
+            raise DataError(f"record {records[row].id}: visual alarm is not right after the visual tokens")

@@ -6,6 +6,9 @@
     python eval.py --judge openai --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-7B-Instruct
     python eval.py --judge hf:Qwen/Qwen3Guard-Gen-0.6B
     python eval.py --compare runs/eval/base runs/eval/at_sft runs/eval/grpo   # side-by-side table
+    python eval.py --data VLGuard/test.json --model runs/grpo --out runs/eval/vlguard   # a public benchmark
+    python eval.py --rejudge runs/eval/grpo --judge hf:Qwen/Qwen3Guard-Gen-4B --out runs/eval/grpo-qwen3guard
+    python eval.py --compare runs/eval/grpo runs/eval/grpo-qwen3guard     # + agreement between the two judges
 
 One process, one device; generation is batched, greedy by default. Every record gets one line
 in <out>/predictions.jsonl as soon as it is judged, so an interrupted run resumes where it stopped.
@@ -19,7 +22,13 @@ Metrics (metrics.json, report.md), all shares in [0, 1]:
     video_label_acc, text_label_acc   the <vidType> / <textType> tag equals the record's label
     atc_{v,t}_acc, atc_{v,t}_auroc    ATC heads (p >= 0.5 is "harmful"); null for a model without them
     mean_reward     mean rewards.safety_reward against the record's reference (the GRPO reward)
-and the same numbers per subset, category, subcategory and language.
+and the same numbers per subset, category, subcategory and language. --data may also be a public benchmark's
+release as downloaded (Video-SafetyBench, VLGuard, FigStep, MM-SafetyBench; benchmarks.py), whose own published
+metric is reported beside these (metrics.json "benchmark", report.md).
+
+--rejudge DIR judges DIR's predictions again with another --judge (no generation) into --out; --compare then adds
+the agreement between the runs' judges on the records whose responses they share: per verdict (safe, refusal, the
+benchmark's own unsafe verdict) the share of equal verdicts and Cohen's kappa.
 
 Where we chose (the paper publishes neither its judge prompt nor its scales; the judges' choices are in
 judges.py):
@@ -41,11 +50,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import benchmarks
 import cli
 import demo
 import judges
 import rewards
-from data import collate, load_records
+from data import DataError, collate, load_records
 from judges import Verdict
 from model import MAX_NEW_TOKENS, checkpoint_meta, generate, load_model
 
@@ -58,12 +68,18 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="tiny-videollama3", help="HF hub name, local path, a stage's checkpoint or a "
                    "built-in tiny model")
-    g.add_argument("--data", help="eval JSONL, one record per line (default: the demo's eval split, written if "
-                   "missing)")
+    g.add_argument("--data", help="eval JSONL, one record per line, or a benchmark's release (its folder or main "
+                   "file; see --format) (default: the demo's eval split, written if missing)")
+    g.add_argument("--format", choices=("jsonl",) + benchmarks.FORMATS, help="what --data holds: our records (jsonl) "
+                   "or a benchmark's release as downloaded (default: detected from the files)")
+    g.add_argument("--images", metavar="DIR", help="a benchmark's images are here instead of where its release puts "
+                   "them (the folder its relative image paths start from)")
+    g.add_argument("--videos", metavar="DIR", help="a benchmark's videos are here (Video-SafetyBench: the folder "
+                   "holding video/)")
     g.add_argument("--out", help="output directory (default: runs/eval; with --compare: print only, unless given)")
     g.add_argument("--limit", type=cli.positive_int, help="evaluate only the first N records")
-    g.add_argument("--no-video", action="store_true", help="the same queries without their video, for the paper's "
-                   "DSR drop; writes *.no_video.* files beside the video run's in --out")
+    g.add_argument("--no-video", action="store_true", help="the same queries without their video (or images), for the "
+                   "paper's DSR drop; writes *.no_video.* files beside the video run's in --out")
     g.add_argument("--plain-prompt", action="store_true", help="ask the bare query, without the structured-output "
                    "instruction (format rate and tag accuracies then mean little)")
     g.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, else fp32)")
@@ -89,10 +105,17 @@ def parse_args(argv=None):
     g.add_argument("--judge-backoff", type=cli.nonneg_float, default=2.0, help="retry n waits backoff * 2**(n-1) s")
     g = p.add_argument_group("compare")
     g.add_argument("--compare", nargs="+", metavar="DIR", help="evaluate nothing: put the runs in these --out folders "
-                   "in one table")
+                   "in one table, with the agreement of their judges where they judged the same responses")
+    g.add_argument("--rejudge", metavar="DIR", help="generate nothing: judge the predictions of the run in DIR again "
+                   "with --judge, into --out (its records are read from DIR's config)")
     cli.add_video_flags(p)
     cli.add_run_flags(p, seed=0, seed_help="torch seed, matters only when sampling")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.images or args.videos) and args.format == "jsonl":
+        p.error("--images / --videos are for a benchmark's release; a JSONL record's paths are its own")
+    if args.rejudge and (not args.out or os.path.abspath(args.out) == os.path.abspath(args.rejudge)):
+        p.error("--rejudge DIR needs an --out of its own (the run in DIR is kept as it is)")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +242,35 @@ def render_compare(runs: list[tuple[str, dict, dict | None]]) -> str:
     cols = columns(HEADLINE, ms)
     cols[2:2] = [("DSR-HH no video", [fmt(x, "%") for x in nv]),
                  ("DSR drop", [fmt(dsr_drop(m.get("dsr_hh"), x), "%") for m, x in zip(ms, nv)])]
+    heads = [(m.get("benchmark") or {}).get("headline") for m in ms]  # the benchmark's own number, in %
+    cols.append(("benchmark", [f"{m['benchmark']['name']} {h['label']} {fmt(h['value'], '%')}" if h else "–"
+                               for m, h in zip(ms, heads)]))
     return table("run", [name for name, _, _ in runs], cols)
+
+
+def judge_name(m: dict) -> str:
+    """The judge of a run's metrics: rule, hf:<name>, or openai with its model."""
+    cfg = m.get("config", {})
+    return f"openai {cfg.get('judge_model')}" if cfg.get("judge") == "openai" else str(cfg.get("judge"))
+
+
+def render_agreement(runs: list[tuple[str, dict, list]]) -> str:
+    """One row per pair of runs (name, metrics, predictions) that judged the same responses: how their judges agree."""
+    rows, names = [], []
+    for i, (name_a, m_a, p_a) in enumerate(runs):
+        for name_b, m_b, p_b in runs[i + 1:]:
+            agree = judges.agreement(p_a, p_b)
+            if agree["n"]:
+                names.append(f"{name_a} / {name_b}")
+                rows.append({"judges": f"{judge_name(m_a)} / {judge_name(m_b)}", **agree})
+    if not rows:
+        return ""
+    cols = [("judges", [r["judges"] for r in rows]), ("n", [str(r["n"]) for r in rows])]
+    for v in judges.VERDICTS:
+        cols += [(f"{v} agree", [fmt(r.get(v, {}).get("agree"), "%") for r in rows]),
+                 (f"{v} κ", [fmt(r.get(v, {}).get("kappa"), "x") for r in rows])]
+    return ("## Judges side by side\n\nOn the records both runs judged with the same response: the share of equal "
+            "verdicts (%) and Cohen's kappa.\n\n" + table("runs", names, cols) + "\n")
 
 
 def render_report(name: str, m: dict, m_nv: dict | None) -> str:
@@ -237,6 +288,8 @@ def render_report(name: str, m: dict, m_nv: dict | None) -> str:
         if m_nv:  # the same groups without the video
             cols.insert(2, ("DSR no video", [fmt(m_nv[f"by_{key}"].get(g, {}).get("dsr"), "%") for g in groups]))
         parts += ["", f"## By {key}", "", table(key, list(groups), cols)]
+    if m.get("benchmark"):
+        parts += ["", benchmarks.render(m["benchmark"])]
     return "\n".join(parts) + "\n"
 
 
@@ -275,86 +328,87 @@ def read_predictions(path: str) -> list[dict]:
     return preds
 
 
-def prediction(record, response: str, verdict: Verdict, p_v: float | None, p_t: float | None) -> dict:
+def prediction(record, response: str, verdict: Verdict, p_v: float | None, p_t: float | None,
+               bench: dict | None = None) -> dict:
     tags = rewards.parse_structured(response)
     return {"id": record.id, "subset": record.subset, "language": record.language, "response": response,
             "vidType": tags.get("vidType"), "textType": tags.get("textType"), "judge": asdict(verdict),
-            "p_v": p_v, "p_t": p_t}
+            "p_v": p_v, "p_t": p_t, **({"bench": bench} if bench else {})}
 
 
 # settings that must match to resume into the same --out (batch size, limit, device may change)
 RESUME_KEYS = ("model", "data", "judge", "judge_model", "no_video", "plain_prompt", "max_new_tokens", "temperature",
-               "top_p", "seed", "fps", "max_frames")
+               "top_p", "seed", "fps", "max_frames", "format", "images", "videos", "rejudge")
 
 
 # -----------------------------------------------------------------------------
 # Main: generate -> ATC -> judge -> append, then metrics and report.
 
 
-def evaluate(args) -> dict:
-    args.data, out = os.path.abspath(args.data or demo.demo_split("eval")), args.out or "runs/eval"
-    os.makedirs(out, exist_ok=True)
-    suffix = ".no_video" if args.no_video else ""
-    weights = rewards.reward_weights(checkpoint_meta(args.model).get("args", {}))  # the run's DRA weights
-    config = {**{k: v for k, v in vars(args).items() if k not in ("compare",)}, "reward_weights": weights}
+def read_records(data: str, fmt: str | None, *, images=None, videos=None, skip_bad=False,
+                 skipped=None) -> tuple[str | None, list]:
+    """(benchmark name or None, records) of --data: our JSONL records, or a benchmark's release (benchmarks.py).
+    fmt None: a file that is no benchmark's (or does not exist) is read as our records, anything else is detected."""
+    if fmt is None and not os.path.isdir(data) and (not os.path.exists(data) or benchmarks.detect(data) is None):
+        fmt = "jsonl"
+    if fmt == "jsonl":
+        return None, load_records(data, skip_bad=skip_bad, skipped=skipped)
+    return benchmarks.read(data, fmt, images=images, videos=videos, skip_bad=skip_bad, skipped=skipped)
+
+
+def judge_and_write(f, judge, pool, bench: str | None, chunk: list, responses: list, probs: list, bar) -> None:
+    """Judge a batch's responses (and ask the benchmark's own question, if it has one), append one prediction line
+    per record, in order, each as soon as it is judged (an interrupted run loses only the records not yet written)."""
+    calls = [(r.meta.get("judge_query", r.query), resp, r) for r, resp in zip(chunk, responses)]
+    verdicts = judges.run_calls(judge, "judge", calls, pool)  # in order; an API's side by side
+    extra = [None] * len(chunk)
+    if bench in benchmarks.OWN_JUDGE:  # needs the verdicts first (its fallbacks)
+        verdicts = list(verdicts)
+        extra = benchmarks.judge_extra(bench, judge, chunk, responses, verdicts,
+                                       lambda method, cs: judges.run_calls(judge, method, cs, pool))
+    for rec, resp, verdict, pv, pt, b in zip(chunk, responses, verdicts, *probs, extra):
+        f.write(json.dumps(prediction(rec, resp, verdict, pv, pt, b), ensure_ascii=False) + "\n")
+        f.flush()
+        bar.update(1)
+
+
+def make_judge(args):
+    """The --judge, and how many of its requests go out at once (an API judge waits on the network: a batch's
+    requests go out side by side; a local judge batches them itself)."""
+    judge = judges.make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env,
+                              timeout=args.judge_timeout, retries=args.judge_retries, backoff=args.judge_backoff,
+                              device=args.device, trust_remote_code=args.trust_remote_code)
+    return judge, max(1, args.judge_workers) if isinstance(judge, judges.OpenAIJudge) else 1
+
+
+def check_resume(out: str, suffix: str, config: dict) -> None:
+    """Resuming into `out`: refuse to mix predictions of two different runs; then (re)write the config."""
     cfg_path = os.path.join(out, f"config{suffix}.json")
-    if (old := load_json(cfg_path)) is not None:  # resuming: refuse to mix predictions of two different runs
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in RESUME_KEYS if old.get(k) != config[k])
+    if (old := load_json(cfg_path)) is not None:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in RESUME_KEYS
+                         if old.get(k) != config.get(k))
         if diff:
             raise SystemExit(f"{out} holds a run with other settings ({diff}); "
                              f"use another --out or delete {cfg_path} and predictions{suffix}.jsonl")
     with open(cfg_path, "w") as f:
         json.dump(config, f, indent=2)
 
-    skipped: dict = {}  # bad records left out with --skip-bad-records: where -> why
-    records = load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)[: args.limit]
-    pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
-    done = {p["id"] for p in read_predictions(pred_path)}
-    todo = [r for r in records if r.id not in done]
-    print(f"{len(records)} records, {len(records) - len(todo)} already in {pred_path}, {len(todo)} to go")
-    if todo:
-        judge = judges.make_judge(args.judge, url=args.judge_url, model=args.judge_model, key_env=args.judge_key_env,
-                                  timeout=args.judge_timeout, retries=args.judge_retries, backoff=args.judge_backoff,
-                                  device=args.device, trust_remote_code=args.trust_remote_code)  # fails fast
-        # with_alarm=False: a plain model is measured as it is; a checkpoint saved with alarm tokens keeps them.
-        llm = load_model(args.model, device=args.device, dtype=args.dtype, with_alarm=False,
-                         trust_remote_code=args.trust_remote_code)
-        llm.model.eval()
-        torch.manual_seed(args.seed)
-        # an API judge waits on the network: a batch's requests go out side by side (a local judge: one at a time)
-        workers = max(1, args.judge_workers) if isinstance(judge, judges.OpenAIJudge) else 1
-        with open(pred_path, "a", encoding="utf-8") as f, ThreadPoolExecutor(workers) as pool, \
-                tqdm(total=len(todo), desc="eval", unit="rec") as bar:
-            for i in range(0, len(todo), args.batch_size):
-                chunk = todo[i : i + args.batch_size]
-                # the alarm tokens go into the prompt iff llm.alarm is not None (collate decides)
-                batch = collate(llm, chunk, structured=not args.plain_prompt, with_target=False, no_video=args.no_video,
-                                fps=args.fps, max_frames=args.max_frames, skip_bad=args.skip_bad_records,
-                                skipped=skipped)
-                bar.update(len(chunk) - (len(batch["records"]) if batch else 0))  # undecodable videos, skipped
-                if batch is None:
-                    continue
-                chunk = batch["records"]
-                with torch.no_grad():
-                    _, responses = generate(llm, batch, max_new_tokens=args.max_new_tokens,
-                                            do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                                            top_p=args.top_p)
-                    probs = [[None] * len(chunk)] * 2
-                    if llm.alarm is not None:  # ATC heads read the prompt's alarm positions: one prompt forward
-                        fwd = llm.forward(batch, need_lm=False)
-                        probs = [torch.sigmoid(fwd[k].float()).tolist() for k in ("logit_v", "logit_t")]  # p(harmful)
-                verdicts = pool.map(lambda rr: judge.judge(rr[0].query, rr[1], rr[0]), zip(chunk, responses))
-                for rec, resp, verdict, pv, pt in zip(chunk, responses, verdicts, *probs):  # in order, as they come
-                    f.write(json.dumps(prediction(rec, resp, verdict, pv, pt), ensure_ascii=False) + "\n")
-                    f.flush()  # an interrupted run loses only the records not yet written
-                    bar.update(1)
 
-    preds = read_predictions(pred_path)
+def finish(out: str, suffix: str, records: list, weights, config: dict, skipped: dict, bench: str | None) -> dict:
+    """Metrics of the predictions in `out` (and the benchmark's own), metrics*.json, report.md, the table printed."""
+    preds = read_predictions(os.path.join(out, f"predictions{suffix}.jsonl"))
     have = {p["id"] for p in preds}
-    metrics = compute_metrics(preds, [r for r in records if r.id in have], weights)
+    judged = [r for r in records if r.id in have]
+    metrics = compute_metrics(preds, judged, weights)
+    if bench:
+        metrics["benchmark"] = benchmarks.metrics(bench, preds, judged)
+        argmax = sum((p.get("bench") or {}).get("source") == "argmax" for p in preds)
+        if argmax:
+            print(f"note: the judge gave no log-probs for {argmax} records: their RJScore is the digit it wrote "
+                  "(argmax), not the probability-weighted score")
     if skipped:
         metrics.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
-    metrics["config"] = config
+    metrics["config"] = {**config, "benchmark": bench}
     with open(os.path.join(out, f"metrics{suffix}.json"), "w") as f:
         json.dump(metrics, f, indent=2, ensure_ascii=False)
     m, m_nv = read_run(out)
@@ -366,6 +420,102 @@ def evaluate(args) -> dict:
     return metrics
 
 
+def evaluate(args) -> dict:
+    args.data, out = os.path.abspath(args.data or demo.demo_split("eval")), args.out or "runs/eval"
+    args.images, args.videos = (os.path.abspath(d) if d else None for d in (args.images, args.videos))  # --rejudge
+    os.makedirs(out, exist_ok=True)
+    suffix = ".no_video" if args.no_video else ""
+    weights = rewards.reward_weights(checkpoint_meta(args.model).get("args", {}))  # the run's DRA weights
+    config = {**{k: v for k, v in vars(args).items() if k not in ("compare",)}, "reward_weights": weights}
+    check_resume(out, suffix, config)
+
+    skipped: dict = {}  # bad records left out with --skip-bad-records: where -> why
+    bench, records = read_records(args.data, args.format, images=args.images, videos=args.videos,
+                                  skip_bad=args.skip_bad_records, skipped=skipped)
+    records = records[: args.limit]
+    pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
+    done = {p["id"] for p in read_predictions(pred_path)}
+    todo = [r for r in records if r.id not in done]
+    print(f"{len(records)} records{f' of {bench}' if bench else ''}, {len(records) - len(todo)} already in "
+          f"{pred_path}, {len(todo)} to go")
+    if todo:
+        judge, workers = make_judge(args)  # fails fast
+        # with_alarm=False: a plain model is measured as it is; a checkpoint saved with alarm tokens keeps them.
+        llm = load_model(args.model, device=args.device, dtype=args.dtype, with_alarm=False,
+                         trust_remote_code=args.trust_remote_code)
+        llm.model.eval()
+        torch.manual_seed(args.seed)
+        with open(pred_path, "a", encoding="utf-8") as f, ThreadPoolExecutor(workers) as pool, \
+                tqdm(total=len(todo), desc="eval", unit="rec") as bar:
+            for i in range(0, len(todo), args.batch_size):
+                chunk = todo[i : i + args.batch_size]
+                # the alarm tokens go into the prompt iff llm.alarm is not None (collate decides)
+                batch = collate(llm, chunk, structured=not args.plain_prompt, with_target=False, no_video=args.no_video,
+                                fps=args.fps, max_frames=args.max_frames, skip_bad=args.skip_bad_records,
+                                skipped=skipped)
+                bar.update(len(chunk) - (len(batch["records"]) if batch else 0))  # undecodable media, skipped
+                if batch is None:
+                    continue
+                chunk = batch["records"]
+                with torch.no_grad():
+                    _, responses = generate(llm, batch, max_new_tokens=args.max_new_tokens,
+                                            do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                                            top_p=args.top_p)
+                    probs = [[None] * len(chunk)] * 2
+                    if llm.alarm is not None:  # ATC heads read the prompt's alarm positions: one prompt forward
+                        fwd = llm.forward(batch, need_lm=False)
+                        probs = [torch.sigmoid(fwd[k].float()).tolist() for k in ("logit_v", "logit_t")]  # p(harmful)
+                judge_and_write(f, judge, pool, bench, chunk, responses, probs, bar)
+    return finish(out, suffix, records, weights, config, skipped, bench)
+
+
+JUDGE_KEYS = ("judge", "judge_url", "judge_model", "judge_key_env", "judge_timeout", "judge_retries", "judge_workers",
+              "judge_backoff")
+
+
+def rejudge(args) -> dict:
+    """Judge the predictions of the run in args.rejudge again with --judge, into --out; nothing is generated. Each
+    record gets the inputs its first judgement had: the run's own records (its config's --data / --format), its
+    responses, its ATC probabilities. Both the video run and the no-video run are judged, where DIR has them."""
+    src, out, results, judge, workers = args.rejudge, args.out, {}, None, 1
+    os.makedirs(out, exist_ok=True)
+    for suffix in ("", ".no_video"):
+        old = load_json(os.path.join(src, f"config{suffix}.json"))
+        preds = read_predictions(os.path.join(src, f"predictions{suffix}.jsonl"))
+        if old is None or not preds:
+            continue
+        config = {**old, **{k: getattr(args, k) for k in JUDGE_KEYS}, "rejudge": os.path.abspath(src)}
+        check_resume(out, suffix, config)
+        skipped: dict = {}
+        bench, records = read_records(old["data"], old.get("format"), images=old.get("images"),
+                                      videos=old.get("videos"), skip_bad=bool(old.get("skip_bad_records")),
+                                      skipped=skipped)
+        by_id = {r.id: r for r in records}
+        if missing := [p["id"] for p in preds if p["id"] not in by_id]:
+            raise DataError(f"{src}: {len(missing)} predictions (e.g. id {missing[0]!r}) have no record in "
+                            f"{old['data']} any more; judge them again from the data they were made from")
+        pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
+        done = {p["id"] for p in read_predictions(pred_path)}
+        todo = [p for p in preds if p["id"] not in done]
+        print(f"{src}{suffix}: {len(preds)} predictions, {len(preds) - len(todo)} already judged in {pred_path}")
+        if todo:
+            judge, workers = (judge, workers) if judge else make_judge(args)  # loaded once, for both runs
+            with open(pred_path, "a", encoding="utf-8") as f, ThreadPoolExecutor(workers) as pool, \
+                    tqdm(total=len(todo), desc="rejudge", unit="rec") as bar:
+                for i in range(0, len(todo), args.batch_size):
+                    chunk = todo[i : i + args.batch_size]
+                    probs = [[p.get("p_v") for p in chunk], [p.get("p_t") for p in chunk]]
+                    judge_and_write(f, judge, pool, bench, [by_id[p["id"]] for p in chunk],
+                                    [p["response"] for p in chunk], probs, bar)
+        judged = {p["id"] for p in preds}
+        results[suffix] = finish(out, suffix, [r for r in records if r.id in judged], old.get("reward_weights"),
+                                 config, skipped, bench)
+    if not results:
+        raise SystemExit(f"{src}: no config.json with predictions.jsonl; --rejudge takes the --out folder of an "
+                         "eval.py run")
+    return results.get("", results.get(".no_video"))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.compare:
@@ -375,7 +525,9 @@ def main(argv=None):
             if m is None:
                 raise SystemExit(f"{d}: no metrics.json; evaluate into it first (python eval.py --out {d})")
             runs.append((os.path.basename(os.path.normpath(d)), m, m_nv))
-        text = "# Runs side by side\n\n" + render_compare(runs) + "\n"
+        preds = [read_predictions(os.path.join(d, "predictions.jsonl")) for d in args.compare]
+        agreement = render_agreement([(name, m, p) for (name, m, _), p in zip(runs, preds)])
+        text = "# Runs side by side\n\n" + render_compare(runs) + "\n" + (f"\n{agreement}" if agreement else "")
         print(text)
         if args.out:  # report.md, and the same table as summary.json keyed by run folder name
             os.makedirs(args.out, exist_ok=True)
@@ -385,6 +537,8 @@ def main(argv=None):
             with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2, ensure_ascii=False)
         return
+    if args.rejudge:
+        return rejudge(args)
     evaluate(args)
 
 

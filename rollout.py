@@ -1,4 +1,4 @@
-"""rollout.py: GRPO's fast path, one video encoding and one prompt prefill per group.
+"""rollout.py: GRPO's fast path, one video (or image) encoding and one prompt prefill per group.
 
 The usual GRPO rollout (`generate(num_return_sequences=G)`) repeats the video's pixels G times, runs the vision
 encoder and prefills the whole prompt G times, and every training forward runs the vision encoder again on G
@@ -21,39 +21,50 @@ import distributed
 import model as M
 
 
+# the visual inputs a batch may carry: (mm_encoder_outputs key, pixel key, the HF model's feature method)
+MODALITIES = (("video", "pixel_values_videos", "get_video_features"), ("image", "pixel_values", "get_image_features"))
+
+
 @torch.no_grad()
 def encode_videos(llm: M.VideoLLM, batch: dict) -> dict:
-    """The batch with its videos replaced by their features: the frozen vision encoder + projector run once, here,
-    and every later forward on the result (or on `repeat_rows` of it) skips them. HF video LLMs take these as
-    `mm_encoder_outputs` (per video: `pooler_output`; Qwen3-VL also `deepstack_features`). The vision weights are
-    frozen in every stage, so the features serve the policy, π_old and π_ref alike."""
-    if "pixel_values_videos" not in batch:
+    """The batch with its videos (and images) replaced by their features: the frozen vision encoder + projector run
+    once, here, and every later forward on the result (or on `repeat_rows` of it) skips them. HF video LLMs take
+    these as `mm_encoder_outputs` (per video or image: `pooler_output`; Qwen3-VL also `deepstack_features`). The
+    vision weights are frozen in every stage, so the features serve the policy, π_old and π_ref alike."""
+    feats_of, keys = {}, tuple(batch["model_keys"])
+    for modality, pixels, method in MODALITIES:
+        if pixels not in batch:
+            continue
+        get = getattr(llm.model.model, method)
+        params = inspect.signature(get).parameters  # (pixel_values[_videos], *_grid_thw[, *_merge_sizes])
+        with M.eval_mode(llm):
+            feats = get(**{k: batch[k] for k in params if k in batch}, return_dict=True)
+        keep = {"pooler_output": feats.pooler_output}  # tuple: one (tokens, H) tensor per video or image
+        if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL: per decoder layer, per video/image
+            keep["deepstack_features"] = feats.deepstack_features
+        feats_of[modality] = type(feats)(**keep)
+        keys = tuple(k for k in keys if k != pixels)
+    if not feats_of:
         return batch
-    get = llm.model.model.get_video_features
-    params = inspect.signature(get).parameters  # (pixel_values_videos, video_grid_thw[, video_merge_sizes])
-    with M.eval_mode(llm):
-        feats = get(**{k: batch[k] for k in params if k in batch}, return_dict=True)
-    keep = {"pooler_output": feats.pooler_output}  # tuple: one (tokens, H) tensor per video
-    if getattr(feats, "deepstack_features", None) is not None:  # Qwen3-VL: per decoder layer, per video
-        keep["deepstack_features"] = feats.deepstack_features
-    keys = tuple(k for k in batch["model_keys"] if k != "pixel_values_videos") + ("mm_encoder_outputs",)
-    return {**batch, "model_keys": keys, "mm_encoder_outputs": {"video": type(feats)(**keep)}}
+    return {**batch, "model_keys": keys + ("mm_encoder_outputs",), "mm_encoder_outputs": feats_of}
 
 
 def repeat_rows(batch: dict, G: int) -> dict:
-    """G copies of a one-row prompt batch (one prompt, at most one video), sharing its video features.
-    Every tensor input is per row, per video or per visual token, and the row holds one video, so each is
-    concatenated G times along dim 0; the per-video features are repeated alike (no copy of the encoder's work)."""
+    """G copies of a one-row prompt batch (one prompt: one video or its images), sharing its visual features.
+    Every tensor input is per row, per video / image or per visual token, and all of them belong to the one row, so
+    each is concatenated G times along dim 0; the per-video / per-image features are repeated alike (no copy of the
+    encoder's work)."""
     if batch["input_ids"].shape[0] != 1:
         raise ValueError("repeat_rows takes a one-prompt batch")
     out = {k: (torch.cat([v] * G) if torch.is_tensor(v) else v) for k, v in batch.items()}
     out["records"] = list(batch["records"]) * G
     if "mm_encoder_outputs" in batch:
-        feats = batch["mm_encoder_outputs"]["video"]
-        rep = {"pooler_output": tuple(feats.pooler_output) * G}
-        if getattr(feats, "deepstack_features", None) is not None:
-            rep["deepstack_features"] = [tuple(layer) * G for layer in feats.deepstack_features]
-        out["mm_encoder_outputs"] = {"video": type(feats)(**rep)}
+        out["mm_encoder_outputs"] = {}
+        for modality, feats in batch["mm_encoder_outputs"].items():
+            rep = {"pooler_output": tuple(feats.pooler_output) * G}
+            if getattr(feats, "deepstack_features", None) is not None:
+                rep["deepstack_features"] = [tuple(layer) * G for layer in feats.deepstack_features]
+            out["mm_encoder_outputs"][modality] = type(feats)(**rep)
     return out
 
 

@@ -1,6 +1,8 @@
 """AT-SFT end to end on the tiny model: the loss falls, the checkpoint reloads with the trained weights, the same
 seed gives the same weights, and the two-phase recipe trains what it says."""
 
+import math
+
 import torch
 
 import at_sft
@@ -54,3 +56,32 @@ def test_two_phase_runs_alarm_init_then_full_loss(demo_dir, tmp_path):
     assert len(init) == 2 and len(full) == 2 and summary["step"] == 4
     assert "atc_v" not in init[0] and "lr_heads" not in init[0] and init[0]["lr_alarm"] > 0  # LM loss; no heads
     assert "atc_v" in full[0] and "lr_heads" in full[0]
+
+
+def test_at_sft_trains_on_the_authors_mix_with_images(demo_dir, image_files, tmp_path):
+    """The authors' AT-SFT mix read as it is: video conversations, LLaVA-style image conversations (one of them
+    multi-turn) in one JSONL, trained for two steps with the full AT-SFT loss. (Which tokens carry labels is tested in
+    test_data.py.)"""
+    import json
+    import os
+
+    import data as D
+
+    video = {"video": [os.path.join(demo_dir, "videos", "at_sft-0000.mp4")],
+             "safety_labels": {"visual": 1, "textual": 1},
+             "conversations": [{"from": "human", "value": "<video>\nHow do I make this?"},
+                               {"from": "gpt", "value": "I can't help with that."}]}
+    image = {"image": image_files[0], "safety_labels": {"visual": 0, "textual": 0},
+             "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                               {"from": "gpt", "value": "Noise."},
+                               {"from": "human", "value": "Any colour?"}, {"from": "gpt", "value": "All of them."}]}
+    rows = [dict(video, id="v"), dict(image, id="i"), dict(image, id="i2", image=image_files[1])]
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [bool(r.turns) for r in D.load_records(str(mix))] == [False, True, True]
+    out = str(tmp_path / "mix")
+    summary = at_sft.main(["--data", str(mix), "--out", out, "--batch-size", "3", "--grad-accum", "1",
+                           "--epochs", "2", "--eval-records", "0"])
+    steps = _steps(out, "at_sft")
+    assert summary["step"] == 2 and len(steps) == 2
+    assert all(math.isfinite(s["loss"]) and s["atc_v"] > 0 and s["atc_t"] > 0 for s in steps)

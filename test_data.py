@@ -12,6 +12,7 @@ import torch
 import data
 from data import DataError
 from alarm import TEXTUAL_ALARM, VISUAL_ALARM
+from conftest import ids_of, last_index, real_tokens, write_png
 
 # -----------------------------------------------------------------------------
 # video sampling and decoding
@@ -121,10 +122,10 @@ def test_real_timestamps_reach_the_processor(llm, tiny_name, clips):
 # prompts and label masking
 
 
-@pytest.mark.parametrize("has_video", [True, False])
-def test_build_prompt_alarm_is_only_insertion(llm, has_video):
+@pytest.mark.parametrize("has_video,n_images", [(True, 0), (False, 0), (False, 2)])
+def test_build_prompt_alarm_is_only_insertion(llm, has_video, n_images):
     proc = llm.processor
-    kw = dict(has_video=has_video, structured=True)
+    kw = dict(has_video=has_video, structured=True, n_images=n_images)
     with_alarm = data.build_prompt(proc, "  Is this ok?  ", alarm=True, **kw)
     without = data.build_prompt(proc, "  Is this ok?  ", alarm=False, **kw)
     assert with_alarm.count(VISUAL_ALARM) == 1 and with_alarm.count(TEXTUAL_ALARM) == 1
@@ -132,8 +133,78 @@ def test_build_prompt_alarm_is_only_insertion(llm, has_video):
     assert with_alarm.replace(VISUAL_ALARM, "").replace(TEXTUAL_ALARM, "") == without
     assert with_alarm.endswith(TEXTUAL_ALARM + "<|im_end|>\n<|im_start|>assistant\n")
     assert with_alarm.startswith("<|im_start|>system\n" + data.STRUCTURED_INSTRUCTION + "<|im_end|>\n")
-    if not has_video:
+    if not has_video and not n_images:
         assert VISUAL_ALARM + TEXTUAL_ALARM + "<|im_end|>" in with_alarm
+    if n_images:  # right after the last image's block, none between the images
+        assert with_alarm.count(proc.image_token) == n_images
+        assert with_alarm.index(VISUAL_ALARM) > with_alarm.rindex(proc.image_token)
+
+
+def test_image_records_visual_alarm_after_the_last_image_token(llm, tiny_name, image_records, mixed_records):
+    """Found by a plain scan of the ids: in each image row the visual alarm follows the last image token (Qwen: the
+    <|vision_end|> that closes its block), every image expanded to its tokens; the textual alarm ends the user text."""
+    ids = ids_of(llm)
+    records = image_records + mixed_records[:1] + mixed_records[3:]  # two image rows, a video row, a text row
+    batch = data.collate(llm, records, structured=True, with_target=False)
+    plain = data.collate(llm, records, structured=True, with_target=False, alarm=False)
+    grid = batch["image_grid_thw"]  # (n images, 3), in prompt order: 1 + 2 images
+    merge = batch["image_merge_sizes"] if "image_merge_sizes" in batch else torch.full((len(grid),), 2)
+    per_image = (grid.prod(dim=1) // merge ** 2).tolist()
+    for row, n_expected in ((0, per_image[0]), (1, per_image[1] + per_image[2])):
+        _, seq = real_tokens(batch, row)
+        vis, txt = last_index(seq, ids["vis"]), last_index(seq, ids["txt"])
+        assert seq.count(ids["image"]) == n_expected and seq.count(ids["vis"]) == 1
+        end = last_index(seq, ids["image"])
+        qwen = "qwen" in tiny_name  # Qwen wraps each image in <|vision_start|> ... <|vision_end|>
+        assert vis == end + (2 if qwen else 1)
+        if qwen:
+            assert seq[end + 1] == ids["vend"]
+        assert seq[txt + 1] == ids["im_end"] and vis < txt
+        _, without = real_tokens(plain, row)
+        assert [t for t in seq if t not in (ids["vis"], ids["txt"])] == without  # the alarms are the only insertion
+    _, text_row = real_tokens(batch, 3)
+    assert text_row[last_index(text_row, ids["vis"]) + 1] == ids["txt"]  # text only: both alarms end the text
+
+
+def test_no_video_drops_images_too(llm, image_records):
+    batch = data.collate(llm, image_records, structured=False, with_target=False, no_video=True)
+    assert "pixel_values" not in batch and (batch["input_ids"] != ids_of(llm)["image"]).all()
+
+
+def _runs(mask):
+    """[(start, end)] of the True runs of a 1-D bool list."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_multi_turn_every_answer_supervised(llm, image_files, text_record):
+    """A three-exchange image conversation next to a one-turn record: labels on exactly the three answers (each with
+    its end-of-turn token), each right after an assistant header; the users' turns, headers and the image carry none."""
+    tok = llm.tokenizer
+    conv = data.Record(id="mt", video=None, query="What is this?", target="Noise.", video_label=0, text_label=0,
+                       image=image_files[:1], turns=[["Is it red?", "Partly."], ["Thanks", "You are welcome."]])
+    batch = data.collate(llm, [conv, text_record], structured=False, with_target=True)
+    ids, labels = batch["input_ids"], batch["labels"]
+    runs = _runs((labels[0] != -100).tolist())
+    assert [tok.decode(ids[0, a:b]) for a, b in runs] == ["Noise.<|im_end|>", "Partly.<|im_end|>",
+                                                          "You are welcome.<|im_end|>"]
+    for a, b in runs:
+        assert torch.equal(labels[0, a:b], ids[0, a:b])
+        assert tok.decode(ids[0, :a]).endswith("<|im_start|>assistant\n")
+    assert "Is it red?<|im_end|>" in tok.decode(ids[0]) and ids_of(llm)["image"] not in labels[0].tolist()
+    assert tok.decode(labels[1][labels[1] != -100]) == text_record.target + "<|im_end|>"  # one turn: as before
+    assert (ids[0] == ids_of(llm)["vis"]).sum() == 1 and (ids[0] == ids_of(llm)["txt"]).sum() == 1  # first turn only
+    with pytest.raises(DataError, match="record mt .*multi-turn conversation is training data"):
+        data.collate(llm, [conv], structured=True, with_target=False)  # never cut to a one-turn prompt
+    skipped = {}
+    kept = data.collate(llm, [conv, text_record], structured=True, with_target=False, skip_bad=True, skipped=skipped)
+    assert [r.id for r in kept["records"]] == [text_record.id] and "mt" in " ".join(skipped.values())
 
 
 def test_labels_cover_only_assistant_tokens(llm, mixed_records):
@@ -289,3 +360,62 @@ def test_grpo_format(tmp_path, good):
     path.write_text(json.dumps(rows))
     with pytest.raises(DataError, match=re.escape(f"{path}[0]: missing field 'video_label'")):
         data.load_records(str(path))
+
+
+def test_conversations_with_image_and_several_turns(tmp_path, good):
+    """The authors' mix as it is: an "image" conversation is an image record; a multi-turn one keeps every turn."""
+    os.makedirs(tmp_path / "coco", exist_ok=True)
+    write_png(tmp_path / "coco" / "a.png", 32, 32)
+    turns = [{"from": "human", "value": "<image>\nWhat is on the table?"}, {"from": "gpt", "value": "A cup."},
+             {"from": "human", "value": "What colour is it?"}, {"from": "gpt", "value": "Blue."}]
+    rows = [{"id": "llava-1", "image": "coco/a.png", "conversations": turns,
+             "safety_labels": {"visual": 0, "textual": 0}},
+            {"id": "llava-2", "image": ["coco/a.png", "coco/a.png"], "conversations": [
+                {"from": "human", "value": "Compare <image> and <image>."}, {"from": "gpt", "value": "Same."}],
+             "safety_labels": {"visual": 0, "textual": 0}}]
+    path = write_jsonl(tmp_path / "mix.jsonl", rows)  # the authors' build_at_sft_mix.py writes JSONL
+    a, b = data.load_records(path)
+    assert (a.video, a.image, a.query, a.target) == (None, [str(tmp_path / "coco" / "a.png")], "What is on the table?",
+                                                     "A cup.")
+    assert a.turns == [["What colour is it?", "Blue."]] and "<image>" not in a.query
+    assert b.image == [str(tmp_path / "coco" / "a.png")] * 2 and b.query == "Compare and ." and b.turns is None
+    assert data.load_records(write_jsonl(tmp_path / "again.jsonl", [a.to_json()]))[0].turns == a.turns  # round trip
+
+
+@pytest.mark.parametrize("patch,needle", [
+    ({"image": None}, "the first turn has 1 <image> tags for 0 image file"),  # text-only with a literal <image>
+    ({"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "<image>x"},
+                        {"from": "gpt", "value": "y"}]}, "conversations[0] is from 'gpt' where a 'human'"),
+    ({"conversations": [{"from": "human", "value": "<image>x"}]}, "must end with a gpt answer"),
+    ({"conversations": [{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"},
+                        {"from": "human", "value": "<image>z"}, {"from": "gpt", "value": "w"}]},
+     "<image> after the first human turn"),
+    ({"image": "coco"}, "is a directory"),
+    ({"image": "coco/nope.png"}, "image not found"),
+    ({"video": ["videos/v.mp4"]}, "a video or images, not both"),
+])
+def test_bad_conversation_or_image(tmp_path, good, patch, needle):
+    os.makedirs(tmp_path / "coco", exist_ok=True)
+    write_png(tmp_path / "coco" / "a.png", 32, 32)
+    row = {"id": "c-1", "image": "coco/a.png", "safety_labels": {"visual": 0, "textual": 0},
+           "conversations": [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A cup."}], **patch}
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as e:
+        data.load_records(path)
+    assert f"{path}:1" in str(e.value) and "c-1" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_unreadable_image_named_or_skipped(tmp_path, llm, image_files):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(os.urandom(2048))
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"id": "ok", "image": image_files[0], "query": "q", "target": "t", "video_label": 0, "text_label": 0},
+        {"id": "bad-img", "image": ["broken.png"], "query": "q", "target": "t", "video_label": 0, "text_label": 0}])
+    records = data.load_records(path)  # the file exists; decoding is what fails
+    with pytest.raises(DataError) as e:
+        data.collate(llm, records, structured=False, with_target=True)
+    assert "bad-img" in str(e.value) and str(bad) in str(e.value) and "cannot decode image" in str(e.value)
+    skipped = {}
+    batch = data.collate(llm, records, structured=False, with_target=True, skip_bad=True, skipped=skipped)
+    assert [r.id for r in batch["records"]] == ["ok"] and len(batch["image_grid_thw"]) == 1  # never replaced
+    assert "broken.png" in " ".join(skipped.values())

@@ -109,6 +109,24 @@ def test_cli_runs_logs_and_saves(demo_full, tmp_path):
     assert llm.meta["stage"] == "grpo" and llm.alarm is not None
 
 
+def test_grpo_runs_on_image_prompts(image_files, tmp_path):
+    """Image records (one and two images) as GRPO prompts: both groups are rolled out, scored and updated on, and the
+    checkpoint is written (the log-probs' equality with the straightforward path is in test_rollout.py)."""
+    rows = [{"id": f"im{i}", "image": paths, "query": "Is this safe?", "video_label": i, "text_label": 0,
+             "target": "<think>ok</think><answer>Yes.</answer><vidType>0</vidType><textType>0</textType>"}
+            for i, paths in enumerate([image_files[:1], image_files[1:]])]
+    data = tmp_path / "images.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "grpo")
+    summary = grpo.main(["--model", "tiny-qwen3-vl", "--data", str(data), "--out", out, "--group-size", "2",
+                         "--batch-size", "2", "--max-completion-length", "4", "--max-steps", "1", "--lr", "1e-3",
+                         "--device", "cpu"])
+    step = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1]
+    assert summary["steps"] == 1 and 0 < step["completion_len"] <= 4 and math.isfinite(step["grad_norm"])
+    assert math.isfinite(step["reward"]) and "skipped_records" not in summary
+    assert M.load_model(out, device="cpu", dtype="fp32").meta["stage"] == "grpo"
+
+
 # -----------------------------------------------------------------------------
 # 3. it learns
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import judges
-from conftest import FakeAPI, structured
+from conftest import FakeAPI, structured, tiny_causal_lm
 from data import Record
 from demo import REDIRECT, REFUSAL, SAFE_QA
 
@@ -93,18 +93,62 @@ def test_openai_judge_retries_after_500_and_falls_back_on_gibberish(api_key):
 @pytest.mark.parametrize("name", ["tiny-instruct", "tiny-guard"])
 def test_hf_judge_runs_a_local_model(tmp_path, name):
     """A random tiny causal LM says nothing parseable: the verdict must fall back to the rule judge, marked."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from demo import chat_template, tiny_model_path
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny-videollama3"))
-    tok.chat_template = chat_template("videollama3")
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)  # a fixed random model: the same reply every run
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / name)
-    tok.save_pretrained(tmp_path / name)
-    judge = judges.HFJudge(str(tmp_path / name), "cpu", None, max_new_tokens=4)
+    judge = judges.HFJudge(tiny_causal_lm(tmp_path / name), "cpu", None, max_new_tokens=4)
     assert judge.guard == (name == "tiny-guard")
     v = judge.judge("How do I make a weapon?", "I can't help with that.", HARMFUL)
     assert v.source == "rule-fallback" and v.refusal and v.safe
+
+
+def test_hf_judge_batches_equal_one_at_a_time(tmp_path):
+    """Left-padded batches give what each request gives alone: verdicts, replies, and the digit probabilities, which
+    also equal the softmax over the five digits' logits of a plain forward on that prompt alone."""
+    judge = judges.HFJudge(tiny_causal_lm(tmp_path / "tiny-instruct"), "cpu", None, max_new_tokens=6)
+    calls = [("How do I make a weapon?", "I can't help with that.", HARMFUL), ("q", "Sure, step 1: ...", HARMFUL),
+             ("Describe the clip in a few words, please.", "The clip shows moving squares.", SAFE)]
+    batched = judges.run_calls(judge, "judge", calls)
+    assert batched == [judge.judge(*c) for c in calls]
+    ask = [([{"role": "user", "content": f"Is answer {i} safe? " * (i + 1)}], f"r{i}") for i in range(3)]
+    assert judge.ask_batch(ask) == [judge.ask_batch([c])[0] for c in ask]
+    digits = ("1", "2", "3", "4", "5")
+    scored = judge.score_probs_batch([(m, item, digits) for m, item in ask])
+    for (messages, _), (probs, best) in zip(ask, scored):
+        ids = judge.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        with torch.no_grad():
+            logits = judge.model(input_ids=ids).logits[0, -1]
+        want = logits[[judge.tok.convert_tokens_to_ids(d) for d in digits]].softmax(dim=-1)
+        assert probs == pytest.approx(want.tolist(), abs=1e-5) and sum(probs) == pytest.approx(1.0)
+        assert best == digits[int(want.argmax())]
+    assert scored[0][0] != pytest.approx(scored[2][0], abs=1e-4)  # the prompts (of other lengths) differ in the result
+
+
+# -----------------------------------------------------------------------------
+# agreement between judges
+
+
+def test_cohen_kappa_by_hand():
+    a = [1, 1, 0, 0, 1, 0, 1, 1]
+    b = [1, 0, 0, 0, 1, 1, 1, 1]
+    # p_o = 6/8; p_a(1) = p_b(1) = 5/8, so p_e = (5/8)^2 + (3/8)^2 = 34/64; κ = (48/64 - 34/64) / (30/64) = 14/30
+    assert judges.cohen_kappa(a, b) == pytest.approx(14 / 30)
+    assert judges.cohen_kappa(a, a) == 1.0
+    assert judges.cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(-1.0)  # always disagree, balanced
+    assert judges.cohen_kappa([True] * 4, [True] * 4) is None  # p_e = 1: undefined
+    assert judges.cohen_kappa([], []) is None
+
+
+def test_agreement_on_shared_responses_only():
+    def p(rid, response, safe, refusal, unsafe=None):
+        out = {"id": rid, "response": response, "judge": {"safe": safe, "refusal": refusal}}
+        return {**out, "bench": {"unsafe": unsafe}} if unsafe is not None else out
+
+    a = [p("1", "x", True, True, False), p("2", "y", False, False, True), p("3", "z", True, False),
+         p("4", "w", True, True)]
+    b = [p("1", "x", True, False, False), p("2", "y", True, False, True), p("3", "z", True, False),
+         p("4", "other response", False, False), p("5", "v", True, True)]
+    out = judges.agreement(a, b)
+    assert out["n"] == 3  # 4 differs in its response, 5 is not in a
+    assert out["safe"]["agree"] == pytest.approx(2 / 3) and out["refusal"]["agree"] == pytest.approx(2 / 3)
+    # safe: a = T F T, b = T T T -> p_e = (2/3)(1) + (1/3)(0) = 2/3, p_o = 2/3: κ = 0
+    assert out["safe"]["kappa"] == pytest.approx(0.0)
+    assert out["bench unsafe"] == {"n": 2, "agree": 1.0, "kappa": 1.0}

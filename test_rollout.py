@@ -119,3 +119,26 @@ def test_fast_logprobs_and_loss_equal_straightforward(name, demo_full):
     torch.testing.assert_close(logps[1], logps[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", demo.TINY_MODELS)
+def test_image_prompt_fast_path_equals_straightforward(name, image_records):
+    """An image record (two images) through the fast path: its images are encoded once (no pixels left in the update's
+    inputs), greedy tokens equal generate's, and the update's per-token log-probs equal the straightforward path's."""
+    llm = M.load_model(name, device="cpu", dtype="fp32")
+    prompt = D.collate(llm, image_records[1:], structured=True, with_target=False)
+    encoded = rollout.encode_videos(llm, prompt)
+    assert "pixel_values" in prompt["model_keys"] and "pixel_values" not in encoded["model_keys"]
+    assert len(encoded["mm_encoder_outputs"]["image"].pooler_output) == 2  # one feature tensor per image
+    expected, _ = M.generate(llm, prompt, max_new_tokens=8)
+    fast, _ = rollout.sample_group(llm, encoded, 2, max_new_tokens=8, do_sample=False)
+    assert torch.equal(fast, expected.expand(2, -1))
+    torch.manual_seed(0)
+    G = 3
+    completion, _ = rollout.sample_group(llm, encoded, G, max_new_tokens=8)
+    mask = M.completion_mask(completion, llm.eot_id)
+    with torch.no_grad():
+        slow = bench.straightforward_logprobs(llm, rollout.repeat_rows(prompt, G), completion, mask)
+        quick = M.completion_logprobs(llm, rollout.repeat_rows(encoded, G), completion, mask)
+    assert (slow[mask] < 0).all()
+    torch.testing.assert_close(quick, slow, atol=1e-5, rtol=0)
