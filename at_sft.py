@@ -33,6 +33,7 @@ and the loss are in alarm.py; the model plumbing in model.py; snapshots, logs an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -180,9 +181,11 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
 
 def _stand_in(llm: M.VideoLLM, record, structured: bool) -> None:
     """Under torchrun, what a rank runs for a micro-batch whose records were all skipped: a forward and backward
-    that add exactly 0 to every gradient (the record's text alone, loss × 0), so that it takes part in FSDP's
-    collectives like the other ranks. One process simply skips the micro-batch; the step is the same."""
-    batch = D.collate(llm, [record], structured=structured, with_target=True, no_video=True)
+    that add exactly 0 to every gradient (a short text, loss × 0: the record itself may be too long to read), so
+    that it takes part in FSDP's collectives like the other ranks. One process simply skips the micro-batch; the
+    step is the same."""
+    stand_in = dataclasses.replace(record, query="", target="", video=None, image=None, turns=None)  # any text
+    batch = D.collate(llm, [stand_in], structured=structured, with_target=True, no_video=True)
     with T.autocast(llm.device):
         (llm.forward(batch)["lm_loss"] * 0).backward()
 
@@ -210,9 +213,10 @@ def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_g
         texts = []
         if structured and n_generate:
             for i in range(rank * bs, n_generate, bs * world):
+                new = getattr(args, "max_new_tokens", 256)
                 batch = D.collate(llm, records[i:min(i + bs, n_generate)], structured=True, with_target=False,
-                                  fps=args.fps, max_frames=args.max_frames)
-                texts += M.generate(llm, batch, max_new_tokens=getattr(args, "max_new_tokens", 256))[1]
+                                  fps=args.fps, max_frames=args.max_frames, max_new_tokens=new)
+                texts += M.generate(llm, batch, max_new_tokens=new)[1]
     if llm.alarm is not None:
         hits_v, hits_t = distributed.all_reduce_sum([hits_v, hits_t])
         result.update(heldout_atc_v_acc=round(hits_v / len(records), 4),
@@ -230,13 +234,18 @@ def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_g
 # -----------------------------------------------------------------------------
 
 
-def start(args, stage: str):
+def start(args, stage: str, structured: bool = False):
     """Read the records (training and held-out: bad data fails here, before minutes of model loading), then load
-    the model (or, with --resume, the last snapshot) and open the log for a stage.
+    the model (or, with --resume, the last snapshot) and open the log for a stage. structured: the training
+    targets must be in the structured format (cold start).
     Under torchrun: join the process group and shard the model over the ranks (distributed.shard_model)."""
     rank, world, _, device = distributed.init(args.device)
+    if not args.resume:  # a wrong --model fails here, not after the data are read
+        M.check_model_path(args.model, "--model")
+    T.take_out(args.out)
     skipped: dict = {}
-    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)
+    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped,
+                             structured=structured)  # cold start trains on structured targets
     heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []
     resume = T.find_resume(args.out) if args.resume else None
     if resume:
@@ -246,7 +255,7 @@ def start(args, stage: str):
         llm.model.gradient_checkpointing_enable()
     if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device
         distributed.shard_model(llm, device)
-    log = T.open_log(args.out, vars(args), append=resume is not None)
+    log = T.open_log(args.out, vars(args), resume=resume)
     T.say(f"{stage}: {len(records)} records from {args.data}; model {args.model}; out {args.out}"
           + (f"; {world} processes, global batch {args.batch_size * args.grad_accum * world}" if world > 1 else ""))
     return llm, records, heldout, log, skipped, resume

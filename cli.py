@@ -19,6 +19,7 @@ import sys
 
 import data as D
 from chat_api import APIError
+from outdir import OutputBusy
 from training import TrainingError
 
 
@@ -99,10 +100,10 @@ def run_cli(main) -> None:
     not a traceback (unless --debug is given)."""
     try:
         main()
-    except (D.DataError, TrainingError, APIError, OSError) as e:
+    except (D.DataError, TrainingError, APIError, OutputBusy, OSError) as e:
         if "--debug" in sys.argv:
             raise
         kind = ("bad input" if isinstance(e, D.DataError) else "stopped" if isinstance(e, TrainingError)
-                else "service" if isinstance(e, APIError) else "error")
+                else "service" if isinstance(e, APIError) else "busy" if isinstance(e, OutputBusy) else "error")
         print(f"{os.path.basename(sys.argv[0])}: {kind}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(2 if isinstance(e, D.DataError) else 1)

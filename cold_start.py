@@ -29,7 +29,7 @@ from at_sft import get_args, heldout_check, start, train_sft
 def main(argv=None) -> dict:
     args = get_args(argv, stage="cold_start", doc=__doc__, model="runs/demo/at_sft")
     T.seed_everything(args.seed)
-    llm, records, heldout, log, skipped, resume = start(args, "cold start")
+    llm, records, heldout, log, skipped, resume = start(args, "cold start", structured=True)
 
     steps = train_sft(llm, args, records, phase="cold_start", structured=True, use_atc=False,
                       train_alarm=False, train_heads=False, log=log, skipped=skipped, resume=resume)

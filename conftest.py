@@ -152,7 +152,18 @@ def metrics_rows(out):
 @pytest.fixture
 def bad_data(demo_dir, tmp_path):
     """An AT-SFT file with good rows and three bad ones: malformed JSON, a missing video, an undecodable video."""
-    rows = [json.loads(x) for x in open(os.path.join(demo_dir, "at_sft.jsonl"))]
+    return bad_file(demo_dir, tmp_path, "at_sft")
+
+
+@pytest.fixture
+def bad_grpo_data(demo_dir, tmp_path):
+    """The same three bad rows among the GRPO split's (structured targets)."""
+    return bad_file(demo_dir, tmp_path, "grpo")
+
+
+def bad_file(demo_dir, tmp_path, split: str) -> str:
+    rows = [json.loads(x) for x in open(os.path.join(demo_dir, f"{split}.jsonl"))]
+    rows = [r for r in rows if r.get("video")]  # video records only: the bad rows below are bad videos
     for r in rows:
         r["video"] = os.path.join(demo_dir, r["video"])  # absolute: the file lives elsewhere
     garbage = tmp_path / "garbage.mp4"

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from alarm import TEXTUAL_ALARM, VISUAL_ALARM
+from rewards import format_reward
 
 SUBSETS = ("HH", "SH", "SafeQ")  # harmful video + harmful query, safe video + harmful query, safe query
 FPS, MAX_FRAMES = 1.0, 90  # video sampling: frames per second, at most this many per video (paper)
@@ -101,9 +102,7 @@ def _record(obj: dict, where: str, root: str) -> Record:
     if video is not None:
         if not isinstance(video, str):
             raise DataError(f"{where} (id {rid}): video must be a path string or null")
-        video = video if os.path.isabs(video) else os.path.normpath(os.path.join(root, video))
-        if not os.path.isfile(video):
-            raise DataError(f"{where} (id {rid}): video not found: {video}")
+        video = media_file(video, root, "video", f"{where} (id {rid})")
     image = obj.get("image")
     if image is not None:
         if video is not None:
@@ -125,12 +124,15 @@ def _record(obj: dict, where: str, root: str) -> Record:
 
 
 def media_file(path: str, root: str, kind: str, where: str) -> str:
-    """`path` (relative to `root`, or absolute) as an absolute path to an existing file, or DataError naming it."""
+    """`path` (relative to `root`, or absolute) as an absolute path to an existing, non-empty file, or DataError
+    naming it (a folder, a missing file and an empty one each say so)."""
     full = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
     if os.path.isdir(full):
         raise DataError(f"{where}: {kind} {full} is a directory, not a file")
     if not os.path.isfile(full):
         raise DataError(f"{where}: {kind} not found: {full}")
+    if os.path.getsize(full) == 0:  # a failed download or copy; decord would print its own error first
+        raise DataError(f"{where}: {kind} {full} is empty (0 bytes)")
     return full
 
 
@@ -177,9 +179,18 @@ def _conversation(obj: dict, where: str) -> dict:
             "text_label": labels.get("textual", obj.get("textual_safety_label"))}
 
 
-def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = None) -> list[Record]:
+def structured_target(text: str) -> bool:
+    """Is `text` in the structured format <think>…</think><answer>…</answer><vidType>…</vidType><textType>…
+    </textType>? The reward's own format check (rewards.format_reward): one definition of the format."""
+    return format_reward(text) == 1.0
+
+
+def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = None,
+                 structured: bool = False) -> list[Record]:
     """Read a JSONL file of records (or the authors' .json list).
 
+    structured: the stage needs targets in the structured format (cold start trains on them, GRPO's reward reads
+    them); a record whose target is not is bad input.
     A bad row raises DataError, or with skip_bad=True is left out and noted in `skipped` (where -> why)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
@@ -208,6 +219,10 @@ def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = No
             rec = _record(obj, where, root)
             if rec.id in seen:
                 raise DataError(f"{where}: duplicate id {rec.id!r}")
+            if structured and not rec.turns and not structured_target(rec.target):
+                raise DataError(f"{where} (id {rec.id}): target is not in the structured format this stage needs "
+                                "(<think>…</think><answer>…</answer><vidType>0|1</vidType><textType>0|1</textType>, "
+                                f"in this order, each once): {rec.target[:60]!r}")
         except (DataError, KeyError, IndexError, TypeError) as e:
             err = e if isinstance(e, DataError) else DataError(f"{where}: malformed record ({type(e).__name__}: {e})")
             _bad(err, skip_bad, skipped)
@@ -262,6 +277,10 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES, rid: s
     import decord
     from transformers.video_utils import VideoMetadata
 
+    if os.path.isdir(path):
+        raise DataError(f"record {rid}: video {path} is a directory, not a file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # decord would print its own "ERROR opening" line first
+        raise DataError(f"record {rid}: video {path} is empty (0 bytes)")
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         n, native = len(vr), float(vr.get_avg_fps())
@@ -361,9 +380,16 @@ def conversation_tail(processor, target: str, turns: list, *, structured: bool) 
 # Batching: left-padded prompts (+ targets for SFT, loss only on the assistant's tokens)
 
 
+def max_length(llm) -> int:
+    """The most tokens the model takes: its position budget, or its tokenizer's model_max_length if smaller."""
+    n = getattr(llm.model.config.get_text_config(), "max_position_embeddings", None) or 10**9
+    tok = getattr(llm.processor.tokenizer, "model_max_length", None) or 10**9  # "unset" is a huge number
+    return int(min(n, tok))
+
+
 def collate(llm, records: list[Record], *, structured: bool, with_target: bool, no_video: bool = False,
             fps: float = FPS, max_frames: int = MAX_FRAMES, alarm: bool | None = None,
-            skip_bad: bool = False, skipped: dict | None = None) -> dict | None:
+            skip_bad: bool = False, skipped: dict | None = None, max_new_tokens: int = 0) -> dict | None:
     """Turn records into one model batch (tensors on llm.device).
 
     with_target: append each record's target and the end-of-turn token, and set labels (-100 everywhere
@@ -373,6 +399,10 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     alarm: put alarm tokens in the prompt (default: iff the model has them).
     skip_bad: a record whose video or image cannot be decoded is left out (and noted in `skipped`) instead of
     raising DataError; never replaced by another. The batch's "records" are the ones kept (None if none).
+    max_new_tokens: room the caller will generate into. A row longer than max_length(llm) less that room is bad
+    input (DataError naming every such record with its length, or skipped with skip_bad): cutting it to fit, as
+    the authors' loader does, would silently drop the end of a query or of a target, and passing it on would
+    run the model far past what it was trained for (and out of memory).
     """
     proc = llm.processor
     alarm = llm.alarm is not None if alarm is None else alarm
@@ -410,6 +440,23 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     proc.tokenizer.padding_side = "left"
     batch = dict(proc(text=texts, padding=True, return_tensors="pt", **kw))
     ids = batch["input_ids"]
+    lengths, limit = batch["attention_mask"].sum(1).tolist(), max_length(llm) - max_new_tokens
+    if too_long := [(r, n) for r, n in zip(records, lengths) if n > limit]:
+        room = f" less {max_new_tokens} for the answer" if max_new_tokens else ""
+        what = "prompt + target" if with_target else "prompt"
+        if not skip_bad:
+            named = ", ".join(f"{r.id} ({r.where}): {n} tokens" for r, n in too_long[:5])
+            raise DataError(f"{len(too_long)} record(s) too long for the model, whose {what} must fit in "
+                            f"{max_length(llm)} tokens{room} = {limit}: {named}; shorten them, or pass "
+                            "--skip-bad-records to leave them out")
+        for r, n in too_long:
+            _bad(DataError(f"record {r.id} ({r.where}): {what} is {n} tokens, longer than the model's "
+                           f"{max_length(llm)}{room} = {limit}"), True, skipped)
+        bad_ids = {r.id for r, _ in too_long}
+        keep = [r for r in records if r.id not in bad_ids]
+        return collate(llm, keep, structured=structured, with_target=with_target, no_video=no_video, fps=fps,
+                       max_frames=max_frames, alarm=alarm, skip_bad=True, skipped=skipped,
+                       max_new_tokens=max_new_tokens) if keep else None
     if alarm and (videos or images):  # the visual alarm must sit right after the expanded visual tokens
         _check_visual_alarm(llm, ids, records)
     out = {"model_keys": tuple(batch.keys()), "has_alarm": alarm, "records": records, **batch}

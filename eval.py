@@ -21,7 +21,8 @@ Metrics (metrics.json, report.md), all shares in [0, 1]:
     format_rate     mean rewards.format_reward: <think><answer><vidType><textType> in order
     video_label_acc, text_label_acc   the <vidType> / <textType> tag equals the record's label
     atc_{v,t}_acc, atc_{v,t}_auroc    ATC heads (p >= 0.5 is "harmful"); null for a model without them
-    mean_reward     mean rewards.safety_reward against the record's reference (the GRPO reward)
+    mean_reward     mean rewards.safety_reward against the record's reference (the GRPO reward), over the records
+                    whose reference is in the structured format (the others are named when the run starts)
 and the same numbers per subset, category, subcategory and language. --data may also be a public benchmark's
 release as downloaded (Video-SafetyBench, VLGuard, FigStep, MM-SafetyBench; benchmarks.py), whose own published
 metric is reported beside these (metrics.json "benchmark", report.md).
@@ -54,10 +55,11 @@ import benchmarks
 import cli
 import demo
 import judges
+import outdir
 import rewards
-from data import DataError, collate, load_records
+from data import DataError, collate, load_records, structured_target
 from judges import Verdict
-from model import MAX_NEW_TOKENS, checkpoint_meta, generate, load_model
+from model import MAX_NEW_TOKENS, check_model_path, checkpoint_meta, generate, load_model
 
 # -----------------------------------------------------------------------------
 # Config: every flag, its default and what it does. Dumped into metrics.json.
@@ -150,7 +152,8 @@ def facts(p: dict, r, weights: dict | None = None) -> dict:
         "score": p["judge"]["score"], "format": rewards.format_reward(resp),
         "vid_ok": rewards.label_reward(tags["vidType"], r.video_label),
         "text_ok": rewards.label_reward(tags["textType"], r.text_label),
-        "reward": rewards.safety_reward(resp, r.target, r.video_label, r.text_label, **(weights or {}))[0],
+        "reward": rewards.safety_reward(resp, r.target, r.video_label, r.text_label, **(weights or {}))[0]
+        if structured_target(r.target) else None,  # the reward compares with a structured reference
         "atc_v": (int(r.video_label), p.get("p_v")), "atc_t": (int(r.text_label), p.get("p_t")),
     }
 
@@ -167,7 +170,7 @@ def summarize(fs: list[dict]) -> dict:
         "format_rate": mean(f["format"] for f in fs),
         "video_label_acc": mean(f["vid_ok"] for f in fs),
         "text_label_acc": mean(f["text_ok"] for f in fs),
-        "mean_reward": mean(f["reward"] for f in fs),
+        "mean_reward": mean(f["reward"] for f in fs if f["reward"] is not None),
     }
     for mod in ("v", "t"):
         pairs = [f[f"atc_{mod}"] for f in fs if f[f"atc_{mod}"][1] is not None]  # (label, p(harmful))
@@ -311,21 +314,9 @@ def read_run(directory: str) -> tuple[dict | None, dict | None]:
 
 
 def read_predictions(path: str) -> list[dict]:
-    """Finished predictions. A line cut short by an interruption is dropped (and the file rewritten without it)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    preds = []
-    for line in lines:
-        try:
-            preds.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    if len(preds) != len([ln for ln in lines if ln.strip()]):
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in preds)
-    return preds
+    """Finished predictions. A line cut short by an interruption is dropped (and cut from the file), whatever byte
+    it ends on (outdir.read_jsonl)."""
+    return outdir.read_jsonl(path)
 
 
 def prediction(record, response: str, verdict: Verdict, p_v: float | None, p_t: float | None,
@@ -354,6 +345,17 @@ def read_records(data: str, fmt: str | None, *, images=None, videos=None, skip_b
     if fmt == "jsonl":
         return None, load_records(data, skip_bad=skip_bad, skipped=skipped)
     return benchmarks.read(data, fmt, images=images, videos=videos, skip_bad=skip_bad, skipped=skipped)
+
+
+def note_unstructured(records: list, bench: str | None) -> None:
+    """Say which records have no structured reference answer: their reward cannot be computed, so mean_reward
+    leaves them out (every other metric counts them). A benchmark has no reference answers at all."""
+    if bench:
+        return
+    ids = [r.id for r in records if not structured_target(r.target)]
+    if ids:
+        print(f"note: {len(ids)} of {len(records)} records have a target that is not in the structured format "
+              f"(ids {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}): mean_reward leaves them out")
 
 
 def judge_and_write(f, judge, pool, bench: str | None, chunk: list, responses: list, probs: list, bar) -> None:
@@ -423,16 +425,18 @@ def finish(out: str, suffix: str, records: list, weights, config: dict, skipped:
 def evaluate(args) -> dict:
     args.data, out = os.path.abspath(args.data or demo.demo_split("eval")), args.out or "runs/eval"
     args.images, args.videos = (os.path.abspath(d) if d else None for d in (args.images, args.videos))  # --rejudge
-    os.makedirs(out, exist_ok=True)
+    check_model_path(args.model, "--model")
+    outdir.lock(out)  # one run per folder: a second eval into it stops here
     suffix = ".no_video" if args.no_video else ""
     weights = rewards.reward_weights(checkpoint_meta(args.model).get("args", {}))  # the run's DRA weights
     config = {**{k: v for k, v in vars(args).items() if k not in ("compare",)}, "reward_weights": weights}
-    check_resume(out, suffix, config)
 
     skipped: dict = {}  # bad records left out with --skip-bad-records: where -> why
     bench, records = read_records(args.data, args.format, images=args.images, videos=args.videos,
                                   skip_bad=args.skip_bad_records, skipped=skipped)
     records = records[: args.limit]
+    check_resume(out, suffix, config)  # after the records: a failed start writes nothing into --out
+    note_unstructured(records, bench)
     pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
     done = {p["id"] for p in read_predictions(pred_path)}
     todo = [r for r in records if r.id not in done]
@@ -452,7 +456,7 @@ def evaluate(args) -> dict:
                 # the alarm tokens go into the prompt iff llm.alarm is not None (collate decides)
                 batch = collate(llm, chunk, structured=not args.plain_prompt, with_target=False, no_video=args.no_video,
                                 fps=args.fps, max_frames=args.max_frames, skip_bad=args.skip_bad_records,
-                                skipped=skipped)
+                                skipped=skipped, max_new_tokens=args.max_new_tokens)
                 bar.update(len(chunk) - (len(batch["records"]) if batch else 0))  # undecodable media, skipped
                 if batch is None:
                     continue
@@ -478,14 +482,13 @@ def rejudge(args) -> dict:
     record gets the inputs its first judgement had: the run's own records (its config's --data / --format), its
     responses, its ATC probabilities. Both the video run and the no-video run are judged, where DIR has them."""
     src, out, results, judge, workers = args.rejudge, args.out, {}, None, 1
-    os.makedirs(out, exist_ok=True)
+    outdir.lock(out)
     for suffix in ("", ".no_video"):
         old = load_json(os.path.join(src, f"config{suffix}.json"))
         preds = read_predictions(os.path.join(src, f"predictions{suffix}.jsonl"))
         if old is None or not preds:
             continue
         config = {**old, **{k: getattr(args, k) for k in JUDGE_KEYS}, "rejudge": os.path.abspath(src)}
-        check_resume(out, suffix, config)
         skipped: dict = {}
         bench, records = read_records(old["data"], old.get("format"), images=old.get("images"),
                                       videos=old.get("videos"), skip_bad=bool(old.get("skip_bad_records")),
@@ -494,6 +497,7 @@ def rejudge(args) -> dict:
         if missing := [p["id"] for p in preds if p["id"] not in by_id]:
             raise DataError(f"{src}: {len(missing)} predictions (e.g. id {missing[0]!r}) have no record in "
                             f"{old['data']} any more; judge them again from the data they were made from")
+        check_resume(out, suffix, config)  # after the checks: a failed start writes nothing into --out
         pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
         done = {p["id"] for p in read_predictions(pred_path)}
         todo = [p for p in preds if p["id"] not in done]
@@ -537,9 +541,11 @@ def main(argv=None):
             with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2, ensure_ascii=False)
         return
-    if args.rejudge:
-        return rejudge(args)
-    evaluate(args)
+    out = args.out or "runs/eval"
+    try:
+        return rejudge(args) if args.rejudge else evaluate(args)
+    finally:  # the lock evaluate / rejudge took (at exit anyway; here for callers that run main() in-process)
+        outdir.release(out)
 
 
 if __name__ == "__main__":

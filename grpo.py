@@ -47,6 +47,7 @@ Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -190,7 +191,8 @@ def rollout_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, 
     A record whose video cannot be decoded (with --skip-bad-records) gives an empty group (`empty_group`)."""
     G = args.group_size
     prompt = D.collate(policy, [record], structured=True, with_target=False, fps=args.fps,
-                       max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)  # decoded once
+                       max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped,
+                       max_new_tokens=args.max_completion_length)  # decoded once; too long for the model: bad input
     if prompt is None:  # named in `skipped` and the log; never replaced by another prompt
         return empty_group(policy, ref, record, args)
     with T.autocast(policy.device):
@@ -212,8 +214,9 @@ def empty_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, ar
     """What a skipped prompt leaves: no completions, no rewards, weight 0 (it adds exactly 0 to the loss and the
     gradient, and nothing to the counts or metrics). It exists for torchrun, where every forward of a sharded model
     is a collective, so every rank must run as many of them (π_ref's here, the policy's in `update`): its forwards
-    read the record's query alone (no video) and one masked-out token."""
-    batch = D.collate(policy, [record], structured=True, with_target=False, no_video=True)
+    read an empty query (no video) and one masked-out token."""
+    stand_in = dataclasses.replace(record, query="", video=None, image=None)  # the record may be too long to read
+    batch = D.collate(policy, [stand_in], structured=True, with_target=False, no_video=True)
     completion = torch.full((1, 1), policy.eot_id, device=policy.device)  # (1, 1)
     mask = torch.zeros_like(completion, dtype=torch.bool)  # (1, 1): nothing counts
     with T.autocast(policy.device):
@@ -287,8 +290,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--batch-size {args.batch_size} (prompts per step, all processes) must be a multiple of "
                          f"the {world} processes: each prompt's group stays on one process")
     T.seed_everything(args.seed)
+    if not args.resume:  # a wrong --model fails here, not after the data are read
+        M.check_model_path(args.model, "--model")
+    T.take_out(args.out)
     skipped: dict = {}
-    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped)  # bad data fails fast
+    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped,
+                             structured=True)  # bad data fails fast; the reward reads structured targets
     resume = T.find_resume(args.out) if args.resume else None
     if resume:
         skipped.update(resume["skipped"])  # those seen before the snapshot
@@ -320,7 +327,7 @@ def main(argv=None) -> dict:
     scheduler = T.cosine_schedule(optimizer, steps * args.passes, args.warmup_ratio)
     order = D.run_order(len(records), steps * args.batch_size, args.seed)  # the data position is the step
     start = T.load_train_state(resume["dir"], optimizer, scheduler, policy)["step"] if resume else 0
-    log = T.open_log(args.out, vars(args), append=resume is not None)
+    log = T.open_log(args.out, vars(args), resume=resume)
     T.say(f"GRPO: {len(records)} prompts from {args.data}; {steps} steps x {args.batch_size} prompts x "
           f"G={args.group_size}; model {args.model}; out {args.out}" + (f"; {world} processes" if world > 1 else ""))
     if args.passes == 1:

@@ -153,6 +153,33 @@ def checkpoint_meta(name_or_path: str) -> dict:
         return json.load(f)
 
 
+STAGES = ("at_sft", "cold_start", "grpo")  # the stage scripts, whose --out folders are the next stage's --model
+
+
+def check_model_path(name_or_path: str, what: str = "model") -> None:
+    """A clear error for a model that cannot be a model, before from_pretrained gives a hub message for it:
+    a path that does not exist, a file, a folder without config.json. A name that may be a hub id (org/name) and
+    is not on disk is left to from_pretrained."""
+    p = name_or_path
+    if p in demo.TINY_MODELS:
+        return
+    if os.path.isdir(p):
+        if os.path.isfile(os.path.join(p, "config.json")):
+            return
+        hint = ("it holds an unfinished run's snapshot in resume/: finish that run with --resume, or pass "
+                f"{os.path.join(p, 'resume')}" if os.path.isdir(os.path.join(p, "resume")) else
+                "a model folder is what a stage or save_pretrained writes")
+        raise FileNotFoundError(f"{what} {p} is a folder without config.json, so not a model ({hint})")
+    if os.path.exists(p):
+        raise NotADirectoryError(f"{what} {p} is a file; a model is a folder with config.json (or a hub name)")
+    looks_like_path = p.startswith(("/", ".", "~")) or p.count("/") >= 2 or p.endswith("/") or "\\" in p
+    if looks_like_path:
+        stage = os.path.basename(os.path.normpath(p))
+        hint = (f"; run {stage}.py first (its --out is {p}) or pass --model" if stage in STAGES else
+                "; check the path")
+        raise FileNotFoundError(f"{what} {p} not found: no such folder{hint}")
+
+
 def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
                with_alarm: bool = True, trust_remote_code: bool = False,
                attn_implementation: str | None = None) -> VideoLLM:
@@ -163,6 +190,7 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    check_model_path(name_or_path)
     if name_or_path in demo.TINY_MODELS:
         name_or_path = demo.tiny_model_path(name_or_path)
     device = device or default_device()

@@ -36,7 +36,8 @@ def test_skip_bad_records_names_them(bad_data, tmp_path):
     assert "nope.mp4" in text and "garbage.mp4" in text  # named with their paths; never replaced
 
 
-def test_grpo_bad_input_one_line_and_skip(bad_data, tmp_path):
+def test_grpo_bad_input_one_line_and_skip(bad_grpo_data, tmp_path):
+    bad_data = bad_grpo_data
     r = run_script("grpo.py", "--data", bad_data, "--out", str(tmp_path / "o"), *GRPO, env=ONE_THREAD)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]

@@ -4,8 +4,10 @@
   a GPU over fp32 weights;
 - resumable snapshots in OUT/resume (weights, optimizer, scheduler, RNG, loop state; atomic renames) and
   `find_resume` for --resume;
-- the JSONL log OUT/metrics.jsonl (its first row the run's config), the rank-0 print, the stop on a non-finite
-  loss, and `finish`: log the summary, save the final checkpoint (with the config in its metadata).
+- `take_out`: the output folder checked and locked before the model loads (outdir.py);
+- the JSONL log OUT/metrics.jsonl (its first row the run's config; continued, not repeated, on resume), the
+  rank-0 print, the stop on a non-finite loss, and `finish`: log the summary, save the final checkpoint (with the
+  config in its metadata), release the output folder.
 
 Nothing here is specific to one stage; under torchrun rank 0 writes and every rank takes part in the collectives
 (distributed.py).
@@ -24,6 +26,7 @@ import torch
 
 import distributed
 import model as M
+import outdir
 
 TRAIN_STATE = "train_state.pt"  # optimizer, scheduler, RNG and loop state, beside a snapshot's weights
 WARMUP_RATIO = 0.03  # share of the optimizer steps spent in linear warmup (paper)
@@ -63,6 +66,14 @@ def autocast(device) -> "torch.autocast":
     nothing); a no-op elsewhere."""
     on = str(device).startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return torch.autocast("cuda" if on else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
+def take_out(out: str) -> None:
+    """Before any model is loaded: --out must be a folder (or new), and no other live run may be writing to it
+    (outdir.lock; rank 0 holds the lock for all ranks under torchrun)."""
+    outdir.check_folder(out)
+    if distributed.rank() == 0:
+        outdir.lock(out)
 
 
 def load_for_training(name_or_path: str, device: str | None, *, trust_remote_code: bool = False) -> M.VideoLLM:
@@ -162,20 +173,27 @@ def load_train_state(directory: str, optimizer, scheduler, llm: M.VideoLLM | Non
 # The log and the end of a run
 
 
-def open_log(out_dir: str, config: dict, append: bool = False):
-    """JSONL logger for OUT/metrics.jsonl (appended to when a run resumes), whose first row is the run's config
-    (and world size under torchrun). Only rank 0 writes."""
+def open_log(out_dir: str, config: dict, resume: dict | None = None):
+    """JSONL logger for OUT/metrics.jsonl, whose first row is the run's config (and world size under torchrun).
+    resume: the loop state of the snapshot a run resumes from ({"step", and "phase" for the SFT stages}): the log
+    is continued from that step's row (rows the killed run wrote after its snapshot are cut, so no step is logged
+    twice) after a new config row. Only rank 0 writes."""
     if distributed.rank() != 0:
         return lambda row: None
     os.makedirs(out_dir, exist_ok=True)
-    f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w")
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if resume:
+        at = lambda r: r.get("step") == resume["step"] and r.get("phase") == resume.get("phase") and "of" in r
+        outdir.truncate_after(path, at)
+    f = open(path, "a" if resume else "w", encoding="utf-8")
 
     def log(row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
 
     world = distributed.world_size()
-    log({"config": config, **({"world_size": world} if world > 1 else {})})
+    log({"config": config, **({"world_size": world} if world > 1 else {}),
+         **({"resumed_at_step": resume["step"]} if resume else {})})
     return log
 
 
@@ -188,5 +206,6 @@ def finish(llm: M.VideoLLM, out: str, config: dict, log, skipped: dict, summary:
     log({"summary": summary})
     M.save_checkpoint(llm, out, meta={"args": config, **summary})  # under torchrun: rank 0 writes it
     say(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "note")}, ensure_ascii=False))
+    outdir.release(out)
     distributed.close()
     return summary
