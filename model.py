@@ -187,6 +187,29 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
     return VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
 
 
+def servable(llm: VideoLLM, state_dict: dict | None = None) -> None:
+    """Make the weights about to be saved serve as they are in plain transformers (no forward hook): the alarm
+    vectors go into the alarm tokens' embedding rows (of the live model, or of the gathered `state_dict` when
+    sharded), and generation_config gets the decoding eval uses (greedy, no repetition penalty) with the tokens
+    `generate` bans as suppress_tokens. The hook still swaps in the same vectors, so the project's forward is
+    unchanged; with tied embeddings the alarm rows of the LM head change too, which only moves the logits of
+    tokens that are never generated."""
+    if llm.alarm is not None:
+        emb = llm.model.get_input_embeddings().weight
+        rows = [llm.alarm.visual_id, llm.alarm.textual_id]
+        with torch.no_grad():
+            if state_dict is None:
+                emb[rows] = llm.alarm.vectors.detach().to(emb.device, emb.dtype)
+            else:
+                name = next(n for n, p in llm.model.named_parameters() if p is emb)
+                w = state_dict[name]
+                w[rows] = llm.alarm.vectors.detach().to(w.device, w.dtype)
+    gc = llm.model.generation_config
+    gc.do_sample, gc.repetition_penalty, gc.temperature, gc.top_p, gc.top_k = False, 1.0, None, None, None
+    gc.eos_token_id, gc.pad_token_id = llm.eot_id, llm.tokenizer.pad_token_id
+    gc.suppress_tokens = banned_ids(llm) or None
+
+
 def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> None:
     """A directory transformers can load (safetensors weights, tokenizer and processor with the
     alarm tokens) plus alarm.safetensors (vectors + heads) and videosafety_meta.json (config, step).
@@ -202,6 +225,7 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".saving-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        servable(llm, state_dict)
         llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         llm.processor.save_pretrained(tmp)
         if llm.alarm is not None:

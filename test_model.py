@@ -292,3 +292,26 @@ def test_logprobs_match_generation(name, demo_full):
     assert (old[~mask] == 0).all()
     new.sum().backward()  # gradients reach the LLM through the chunked, checkpointed LM head
     assert llm.model.lm_head.weight.grad is not None and llm.model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_serves_without_project_code(tiny_name, mixed_records, tmp_path):
+    """A saved checkpoint loaded with plain transformers (no alarm hook, its own generation_config) greedy-decodes
+    exactly the project's tokens from the project's inputs: the alarm vectors sit in the embedding rows."""
+    from transformers import AutoModelForImageTextToText
+
+    llm = model.load_model(tiny_name, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        llm.alarm.vectors.copy_(torch.randn(llm.alarm.vectors.shape, generator=g))
+    batch = data.collate(llm, mixed_records[1:], structured=True, with_target=False)
+    completion, _ = model.generate(llm, batch, max_new_tokens=6)
+    out = str(tmp_path / "ckpt")
+    model.save_checkpoint(llm, out, meta={"stage": "at_sft"})
+
+    plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert set(plain.generation_config.suppress_tokens) == set(model.banned_ids(llm))
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    with torch.no_grad():
+        ids = plain.generate(**inputs, max_new_tokens=6)[:, inputs["input_ids"].shape[1]:]
+    eot = llm.eot_id
+    assert model.completion_tokens(ids, eot) == model.completion_tokens(completion, eot)
