@@ -184,7 +184,10 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
         if has_saved_alarm:
             alarm.load_state(name_or_path)
         alarm.to(device)
-    return VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
+    llm = VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
+    if has_saved_alarm:  # a checkpoint written before `servable` existed is converted here (the next save writes it)
+        servable(llm)
+    return llm
 
 
 def servable(llm: VideoLLM, state_dict: dict | None = None) -> None:

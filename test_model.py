@@ -315,3 +315,17 @@ def test_checkpoint_serves_without_project_code(tiny_name, mixed_records, tmp_pa
         ids = plain.generate(**inputs, max_new_tokens=6)[:, inputs["input_ids"].shape[1]:]
     eot = llm.eot_id
     assert model.completion_tokens(ids, eot) == model.completion_tokens(completion, eot)
+
+    # a checkpoint written before this (embedding rows not the vectors, base generation_config) is converted on load
+    emb = plain.get_input_embeddings().weight
+    rows = [llm.alarm.visual_id, llm.alarm.textual_id]
+    with torch.no_grad():
+        emb[rows] = 0.0
+    plain.generation_config.suppress_tokens = None
+    old = str(tmp_path / "old")
+    plain.save_pretrained(old)
+    llm.processor.save_pretrained(old)
+    llm.alarm.save(old)
+    llm2 = model.load_model(old, device="cpu", dtype=torch.float32)
+    assert torch.equal(llm2.model.get_input_embeddings().weight[rows], llm.alarm.vectors)
+    assert set(llm2.model.generation_config.suppress_tokens) == set(model.banned_ids(llm))
