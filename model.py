@@ -26,11 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import demo
 import distributed
 from alarm import ALARM_FILE, SafetyAlarm, add_alarm_tokens
 
 META_FILE = "videosafety_meta.json"  # the stage, its config and step, beside the weights of every checkpoint
+TEMPLATE_FILE = "chat_template.jinja"  # what transformers reads: data.serving_template (alarm tokens inserted)
+PLAIN_TEMPLATE_FILE = "videosafety_plain_chat_template.jinja"  # the model's own template, which build_prompt wraps
+STRUCTURED_STAGES = ("cold_start", "grpo")  # their checkpoints answer in the structured format by default
 MAX_NEW_TOKENS = 768  # completion length limit of GRPO's rollouts and of evaluation (the authors' GRPO value)
 
 
@@ -175,6 +179,10 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
         kw["attn_implementation"] = attn_implementation
     processor = AutoProcessor.from_pretrained(name_or_path, **kw)
     processor.tokenizer.padding_side = "left"  # prompts are left-padded for generation
+    plain_template = os.path.join(name_or_path, PLAIN_TEMPLATE_FILE)
+    if os.path.isfile(plain_template):  # build_prompt inserts the alarm tokens itself: give it the plain template
+        with open(plain_template) as f:
+            processor.chat_template = processor.tokenizer.chat_template = f.read()
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kw).to(device)
     meta = checkpoint_meta(name_or_path)
     alarm = None
@@ -231,6 +239,12 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
         servable(llm, state_dict)
         llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         llm.processor.save_pretrained(tmp)
+        plain = llm.processor.chat_template
+        with open(os.path.join(tmp, PLAIN_TEMPLATE_FILE), "w") as f:
+            f.write(plain)
+        with open(os.path.join(tmp, TEMPLATE_FILE), "w") as f:
+            structured = (meta or {}).get("stage") in STRUCTURED_STAGES
+            f.write(data.serving_template(llm.processor, structured=structured) if llm.alarm is not None else plain)
         if llm.alarm is not None:
             llm.alarm.save(tmp)
         with open(os.path.join(tmp, META_FILE), "w") as f:
