@@ -348,6 +348,40 @@ def build_prompt(processor, query: str, *, has_video: bool, structured: bool, al
     return prompt
 
 
+def serving_template(processor, *, structured: bool) -> str:
+    """The processor's chat template wrapped so that plain `apply_chat_template` writes what `build_prompt` writes:
+    <|textual_alarm|> ends the first user turn's (trimmed) last text, <|visual_alarm|> goes after the last video
+    (or, with no video, image) placeholder and its <|vision_end|>, both end the text of a text-only turn; with
+    `structured`, STRUCTURED_INSTRUCTION is the system turn when the messages have none. Saved in checkpoints
+    (model.save_checkpoint); the project itself keeps building prompts from the plain template."""
+    base = processor.chat_template
+    vocab = processor.tokenizer.get_vocab()
+    end = "<|vision_end|>" if "<|vision_end|>" in vocab else ""
+    sysmsg = json.dumps(STRUCTURED_INSTRUCTION)
+    pre = ("{%- set ns = namespace(msgs=[], first=true, vis='', c=[], vs=[]) -%}"
+           + ("{%- if messages[0]['role'] != 'system' -%}{%- set ns.msgs = [{'role': 'system', 'content': " + sysmsg + "}] -%}{%- endif -%}" if structured else "")
+           + "{%- for m in messages -%}"
+           "{%- if m['role'] == 'user' and ns.first and m['content'] is not string -%}"
+           "{%- set ns.first = false -%}{%- set ns.c = [] -%}{%- set ns.vs = [] -%}"
+           "{%- for it in m['content'] -%}{%- if it['type'] in ('video', 'image') -%}{%- set ns.vs = ns.vs + [it['type']] -%}{%- endif -%}{%- endfor -%}"
+           "{%- set ns.vis = ('video' if 'video' in ns.vs else ('image' if ns.vs else '')) -%}"
+           "{%- for it in m['content'] -%}{%- if it['type'] == 'text' and loop.last -%}"
+           "{%- set ns.c = ns.c + [{'type': 'text', 'text': it['text'] | trim ~ ('' if ns.vis else '" + VISUAL_ALARM + "') ~ '" + TEXTUAL_ALARM + "'}] -%}"
+           "{%- else -%}{%- set ns.c = ns.c + [it] -%}{%- endif -%}{%- endfor -%}"
+           "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': ns.c}] -%}"
+           "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}{%- endfor -%}"
+           "{%- set messages = ns.msgs -%}"
+           "{%- set out -%}")
+    vt, it = processor.video_token, processor.image_token
+    post = ("{%- endset -%}"
+            "{%- set mark = ('" + vt + "' if ns.vis == 'video' else ('" + it + "' if ns.vis == 'image' else '')) -%}"
+            "{%- if mark and '" + end + "' and (mark ~ '" + end + "') in out -%}{%- set mark = mark ~ '" + end + "' -%}{%- endif -%}"
+            "{%- if mark -%}{%- set parts = out.split(mark) -%}"
+            "{{- parts[:-1] | join(mark) ~ mark ~ '" + VISUAL_ALARM + "' ~ parts[-1] -}}"
+            "{%- else -%}{{- out -}}{%- endif -%}")
+    return pre + base + post
+
+
 def conversation_tail(processor, target: str, turns: list, *, structured: bool) -> tuple[str, list[tuple[int, int]]]:
     """What follows the first user turn's prompt in a multi-turn conversation: the first answer, then each later
     user turn and answer, as the model's chat template writes them. Returns (text, spans): spans are the

@@ -26,11 +26,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import demo
 import distributed
 from alarm import ALARM_FILE, SafetyAlarm, add_alarm_tokens
 
 META_FILE = "videosafety_meta.json"  # the stage, its config and step, beside the weights of every checkpoint
+TEMPLATE_FILE = "chat_template.jinja"  # what transformers reads: data.serving_template (alarm tokens inserted)
+PLAIN_TEMPLATE_FILE = "videosafety_plain_chat_template.jinja"  # the model's own template, which build_prompt wraps
+STRUCTURED_STAGES = ("cold_start", "grpo")  # their checkpoints answer in the structured format by default
 MAX_NEW_TOKENS = 768  # completion length limit of GRPO's rollouts and of evaluation (the authors' GRPO value)
 
 
@@ -203,6 +207,10 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
         kw["attn_implementation"] = attn_implementation
     processor = AutoProcessor.from_pretrained(name_or_path, **kw)
     processor.tokenizer.padding_side = "left"  # prompts are left-padded for generation
+    plain_template = os.path.join(name_or_path, PLAIN_TEMPLATE_FILE)
+    if os.path.isfile(plain_template):  # build_prompt inserts the alarm tokens itself: give it the plain template
+        with open(plain_template) as f:
+            processor.chat_template = processor.tokenizer.chat_template = f.read()
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kw).to(device)
     meta = checkpoint_meta(name_or_path)
     alarm = None
@@ -212,7 +220,33 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
         if has_saved_alarm:
             alarm.load_state(name_or_path)
         alarm.to(device)
-    return VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
+    llm = VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
+    if has_saved_alarm:  # a checkpoint written before `servable` existed is converted here (the next save writes it)
+        servable(llm)
+    return llm
+
+
+def servable(llm: VideoLLM, state_dict: dict | None = None) -> None:
+    """Make the weights about to be saved serve as they are in plain transformers (no forward hook): the alarm
+    vectors go into the alarm tokens' embedding rows (of the live model, or of the gathered `state_dict` when
+    sharded), and generation_config gets the decoding eval uses (greedy, no repetition penalty) with the tokens
+    `generate` bans as suppress_tokens. The hook still swaps in the same vectors, so the project's forward is
+    unchanged; with tied embeddings the alarm rows of the LM head change too, which only moves the logits of
+    tokens that are never generated."""
+    if llm.alarm is not None:
+        emb = llm.model.get_input_embeddings().weight
+        rows = [llm.alarm.visual_id, llm.alarm.textual_id]
+        with torch.no_grad():
+            if state_dict is None:
+                emb[rows] = llm.alarm.vectors.detach().to(emb.device, emb.dtype)
+            else:
+                name = next(n for n, p in llm.model.named_parameters() if p is emb)
+                w = state_dict[name]
+                w[rows] = llm.alarm.vectors.detach().to(w.device, w.dtype)
+    gc = llm.model.generation_config
+    gc.do_sample, gc.repetition_penalty, gc.temperature, gc.top_p, gc.top_k = False, 1.0, None, None, None
+    gc.eos_token_id, gc.pad_token_id = llm.eot_id, llm.tokenizer.pad_token_id
+    gc.suppress_tokens = banned_ids(llm) or None
 
 
 def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> None:
@@ -230,8 +264,15 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".saving-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        servable(llm, state_dict)
         llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         llm.processor.save_pretrained(tmp)
+        plain = llm.processor.chat_template
+        with open(os.path.join(tmp, PLAIN_TEMPLATE_FILE), "w") as f:
+            f.write(plain)
+        with open(os.path.join(tmp, TEMPLATE_FILE), "w") as f:
+            structured = (meta or {}).get("stage") in STRUCTURED_STAGES
+            f.write(data.serving_template(llm.processor, structured=structured) if llm.alarm is not None else plain)
         if llm.alarm is not None:
             llm.alarm.save(tmp)
         with open(os.path.join(tmp, META_FILE), "w") as f:

@@ -1,6 +1,7 @@
 """Tests of model.py on the three tiny families: L_base against a full-logits reference, what gets gradients and
 which parameter groups, checkpoint round trips, generation with alarm prompts, and the plain (no alarm) path."""
 
+import json
 import os
 
 import pytest
@@ -292,3 +293,90 @@ def test_logprobs_match_generation(name, demo_full):
     assert (old[~mask] == 0).all()
     new.sum().backward()  # gradients reach the LLM through the chunked, checkpointed LM head
     assert llm.model.lm_head.weight.grad is not None and llm.model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_serves_without_project_code(tiny_name, mixed_records, tmp_path):
+    """A saved checkpoint loaded with plain transformers (no alarm hook, its own generation_config) greedy-decodes
+    exactly the project's tokens from the project's inputs: the alarm vectors sit in the embedding rows."""
+    from transformers import AutoModelForImageTextToText
+
+    llm = model.load_model(tiny_name, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        llm.alarm.vectors.copy_(torch.randn(llm.alarm.vectors.shape, generator=g))
+    batch = data.collate(llm, mixed_records[1:], structured=True, with_target=False)
+    completion, _ = model.generate(llm, batch, max_new_tokens=6)
+    out = str(tmp_path / "ckpt")
+    model.save_checkpoint(llm, out, meta={"stage": "at_sft"})
+
+    plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert set(plain.generation_config.suppress_tokens) == set(model.banned_ids(llm))
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    with torch.no_grad():
+        ids = plain.generate(**inputs, max_new_tokens=6)[:, inputs["input_ids"].shape[1]:]
+    eot = llm.eot_id
+    assert model.completion_tokens(ids, eot) == model.completion_tokens(completion, eot)
+
+    # a checkpoint written before this (embedding rows not the vectors, base generation_config) is converted on load
+    emb = plain.get_input_embeddings().weight
+    rows = [llm.alarm.visual_id, llm.alarm.textual_id]
+    with torch.no_grad():
+        emb[rows] = 0.0
+    plain.generation_config.suppress_tokens = None
+    old = str(tmp_path / "old")
+    plain.save_pretrained(old)
+    llm.processor.save_pretrained(old)
+    llm.alarm.save(old)
+    llm2 = model.load_model(old, device="cpu", dtype=torch.float32)
+    assert torch.equal(llm2.model.get_input_embeddings().weight[rows], llm.alarm.vectors)
+    assert set(llm2.model.generation_config.suppress_tokens) == set(model.banned_ids(llm))
+
+
+SERVE_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+ckpt, query = sys.argv[1], sys.argv[2]
+proc = AutoProcessor.from_pretrained(ckpt)
+text = lambda *vis: [{"role": "user", "content": [{"type": v} for v in vis] + [{"type": "text", "text": query}]}]
+enc = proc.apply_chat_template(text(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+m = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+with torch.no_grad():
+    out = m.generate(**enc, max_new_tokens=6)[0, enc["input_ids"].shape[1]:]
+prompts = {k: proc.apply_chat_template(text(*v), add_generation_prompt=True, tokenize=False)
+           for k, v in (("video", ["video"]), ("image", ["image"]), ("text", []))}
+print(json.dumps({"input_ids": enc["input_ids"][0].tolist(), "tokens": out.tolist(), "prompts": prompts}))
+"""
+
+
+@pytest.mark.parametrize("stage", ["at_sft", "grpo"])
+def test_chat_template_serves_the_project_prompt(tiny_name, text_record, tmp_path, stage):
+    """In a process importing only transformers: the saved chat template writes build_prompt's prompt (video, image,
+    text-only turns; after cold start the structured instruction is the default system turn), apply_chat_template
+    tokenizes a text-only turn to the project's input_ids, and greedy generate gives the project's tokens."""
+    import subprocess
+    import sys
+
+    llm = model.load_model(tiny_name, device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        llm.alarm.vectors.copy_(torch.randn(llm.alarm.vectors.shape, generator=g))
+    structured = stage in model.STRUCTURED_STAGES
+    out = str(tmp_path / "ckpt")
+    model.save_checkpoint(llm, out, meta={"stage": stage})
+    r = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, out, text_record.query], capture_output=True, text=True,
+                       cwd=str(tmp_path), check=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+
+    batch = data.collate(llm, [text_record], structured=structured, with_target=False)
+    assert got["input_ids"] == batch["input_ids"][0].tolist()
+    completion, _ = model.generate(llm, batch, max_new_tokens=6)
+    assert model.completion_tokens(torch.tensor([got["tokens"]]), llm.eot_id) == model.completion_tokens(completion, llm.eot_id)
+    for kind, (has_video, n_images) in {"video": (True, 0), "image": (False, 1), "text": (False, 0)}.items():
+        want = data.build_prompt(llm.processor, text_record.query, has_video=has_video, structured=structured,
+                                 alarm=True, n_images=n_images)
+        assert got["prompts"][kind] == want, kind
+
+    # the project reloads the plain template (build_prompt inserts the alarm tokens itself)
+    llm2 = model.load_model(out, device="cpu", dtype=torch.float32)
+    assert torch.equal(data.collate(llm2, [text_record], structured=structured, with_target=False)["input_ids"],
+                       batch["input_ids"])
