@@ -92,6 +92,8 @@ def fast_rollout(llm: M.VideoLLM, prompt: dict, G: int, **sampling):
     return rollout.repeat_rows(prompt, G), completion, texts
 
 
+TOP_K = 50  # both paths: top-k 50 before top-p 0.95 (the authors' effective setting)
+
 PATHS = {"straightforward": (straightforward_rollout, straightforward_logprobs),
          "fast": (fast_rollout, M.completion_logprobs)}
 
@@ -103,7 +105,7 @@ def grpo_step(path: str, policy, ref, prompt: dict, optimizer, G: int, tokens: i
     t0 = time.perf_counter()
     with T.autocast(policy.device):
         batch, completion, _ = do_rollout(policy, prompt, G, max_new_tokens=tokens, do_sample=True, temperature=1.0,
-                                          top_p=0.95)
+                                          top_p=0.95, top_k=TOP_K)
     mask = M.completion_mask(completion, policy.eot_id)
     t1 = time.perf_counter()
     with T.autocast(policy.device):

@@ -87,6 +87,8 @@ def parse_args(argv=None):
                    "completion (paper: 768)")
     g.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--top-p", type=cli.probability, default=0.95, help="nucleus sampling (paper: 0.95)")
+    g.add_argument("--top-k", type=cli.nonneg_int, default=0, help="keep the k most likely tokens before top-p (0 = off, "
+                   "the paper's stated setting; with k the nucleus is found among k candidates, much cheaper)")
     g = p.add_argument_group("reward (DRA)")
     g.add_argument("--alpha-min", type=cli.nonneg_float, default=R.ALPHA_MIN, help="ROUGE weight when both labels are right "
                    "(paper: 0.1)")
@@ -198,7 +200,8 @@ def rollout_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, 
     with T.autocast(policy.device):
         prompt = rollout.encode_videos(policy, prompt)  # the frozen vision encoder runs once per group, here
         completion, texts = rollout.sample_group(policy, prompt, G, max_new_tokens=args.max_completion_length,
-                                           temperature=args.temperature, top_p=args.top_p)  # (G, L), one prefill
+                                           temperature=args.temperature, top_p=args.top_p,
+                                                 top_k=args.top_k)  # (G, L), one prefill
         mask = M.completion_mask(completion, policy.eot_id)  # (G, L)
         batch = rollout.repeat_rows(prompt, G)  # G rows sharing the video features: no vision encoder in the update
         old_logp = M.completion_logprobs(policy, batch, completion, mask) if args.passes > 1 else None

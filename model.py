@@ -322,7 +322,7 @@ def completion_tokens(completion: torch.Tensor, eos_id: int) -> list[list[int]]:
 
 @torch.no_grad()
 def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = MAX_NEW_TOKENS, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, list[str]]:
     """Generate from a left-padded prompt batch (data.collate). Eval mode, KV cache on (generating in train
     mode with gradient checkpointing silently turns the cache off). Alarm tokens and image/video
     placeholders are never generated. Decoding is exactly what the arguments say: extras a checkpoint's own
@@ -334,7 +334,7 @@ def generate(llm: VideoLLM, batch: dict, *, max_new_tokens: int = MAX_NEW_TOKENS
     """
     distributed.check_gathered(llm, "generate")
     tok = llm.tokenizer
-    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if do_sample else dict(do_sample=False)
+    sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else dict(do_sample=False)
     bad = [[i] for i in banned_ids(llm)]
     inputs = {k: batch[k] for k in batch["model_keys"]}
     with eval_mode(llm):

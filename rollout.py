@@ -7,8 +7,9 @@ copies. Here a group's prompt is collated once (one row), the frozen vision enco
 the update's forwards reuse the features for all G rows (`repeat_rows`). Same tokens, same log-probs
 (test_rollout.py checks both against the straightforward path in bench.py).
 
-Sampling is `generate`'s: the banned tokens, temperature, then top-p (nucleus) filtering exactly as
-transformers' warpers do it (`warp`), then one multinomial draw per row (`sample_next`).
+Sampling is `generate`'s: the banned tokens, temperature, top-k, then top-p (nucleus) filtering exactly as
+transformers' warpers do it (`warp`), found among the candidates instead of a sort of the whole vocabulary, then
+one multinomial draw per row among them (`sample_next`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def repeat_rows(batch: dict, G: int) -> dict:
 @torch.no_grad()
 def sample_group(llm: M.VideoLLM, batch: dict, G: int, *, max_new_tokens: int = M.MAX_NEW_TOKENS,
                  do_sample: bool = True, temperature: float = 1.0,
-                 top_p: float = 1.0) -> tuple[torch.Tensor, list[str]]:
+                 top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, list[str]]:
     """G completions of one prompt (a one-row batch, best with its video already encoded) from one prefill.
 
     The prompt's KV cache is computed once and copied G times; the G rows then decode together, one token per
@@ -101,7 +102,7 @@ def sample_group(llm: M.VideoLLM, batch: dict, G: int, *, max_new_tokens: int = 
         tokens = []
         for t in range(max_new_tokens):
             logits = logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
-            nxt = sample_next(logits, temperature, top_p) if do_sample else logits.argmax(dim=-1)  # (G,)
+            nxt = sample_next(logits, temperature, top_p, top_k) if do_sample else logits.argmax(dim=-1)  # (G,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             tokens.append(nxt)
             done |= nxt == llm.eot_id
@@ -118,18 +119,82 @@ def sample_group(llm: M.VideoLLM, batch: dict, G: int, *, max_new_tokens: int = 
     return completion, tok.batch_decode(M.completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """One multinomial draw per row from the warped distribution: (G, V) -> (G,)."""
-    return torch.multinomial(warp(logits, temperature, top_p).softmax(dim=-1), num_samples=1).squeeze(1)
+# -----------------------------------------------------------------------------
+# Sampling: transformers' warpers (temperature, top-k, top-p), at the cost of the model, not of the vocabulary
+
+CANDIDATES = 64  # without top-k: the first guess of the nucleus size, grown x8 while the rest holds too much mass
 
 
-def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Temperature, then top-p (nucleus) filtering, as HF's warpers do: drop the least likely tokens whose
-    cumulative probability is at most 1 − top_p (set to −inf); the most likely one always stays."""
-    logits = logits / temperature
-    if top_p < 1.0:
-        ascending, order = logits.sort(dim=-1)
-        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # (G, V) in sorted order
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
+def filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0):
+    """The warped distribution of `generate` (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, in
+    that order), kept as candidates: (ids (R, m), their warped logits (R, m), −inf where filtered out); every id
+    outside `ids` is filtered out. ids is None when the whole vocabulary is returned ((R, V) logits).
+
+    Top-k keeps the ids whose logit is at least the k-th largest (ties with it stay, as in HF). Top-p drops, in
+    ascending order, the ids whose cumulative probability is at most 1 − top_p, the most likely always kept. HF
+    sorts the whole vocabulary for it; here the nucleus is found among the candidates: the top-k ones, or without
+    top-k the largest m (all ties with the m-th included) once the mass outside them is below 1 − top_p, so every
+    id outside is dropped and the cut falls among the candidates, ordered as HF's ascending sort orders them. Two
+    things this arithmetic cannot decide alike, so the step falls back to HF's own full sort (`_top_p_sorted`): a
+    cumulative probability within rounding (1000 ulp) of 1 − top_p (the sums run in another order), and a cut
+    between equal logits (which of them HF drops depends on its sort's order among ties)."""
+    logits = logits / temperature  # TemperatureLogitsWarper
+    V = logits.shape[1]
+    top_k = min(top_k, V) if top_k > 0 else 0
+    if top_k:  # TopKLogitsWarper: below the k-th largest logit -> -inf
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    if top_p >= 1.0 and not top_k:
+        return None, logits
+    m, cut = top_k or min(CANDIDATES, V), 1.0 - top_p
+    tol = 1000 * torch.finfo(logits.dtype).eps
+    probs = logits.softmax(dim=-1) if top_p < 1.0 else None  # (R, V)
+    while m < V:
+        inside = (logits >= logits.topk(m).values[:, -1:]) & (logits > float("-inf"))  # (R, V), closed under ties
+        n = int(inside.sum(dim=1).max())
+        ids = logits.topk(n).indices.sort(dim=1).values  # (R, n) in id order; a row with fewer: its extras are out
+        vals = logits.gather(1, ids).masked_fill(~inside.gather(1, ids), float("-inf"))  # (R, n)
+        if top_p >= 1.0:
+            return ids, vals
+        rest = probs.masked_fill(inside, 0.0).sum(dim=1, keepdim=True)  # (R, 1): the mass outside the candidates
+        if bool((rest > cut - tol).any()):  # the nucleus reaches outside: more candidates
+            m = m * 8 if m * 8 < V // 2 else V
+            continue
+        order = vals.argsort(dim=1, stable=True)  # ascending, as HF's sort (the order among ties is settled below)
+        ids, vals = ids.gather(1, order), vals.gather(1, order)
+        cum = rest + probs.gather(1, ids).masked_fill(vals == float("-inf"), 0.0).cumsum(dim=1)  # (R, n)
+        drop = cum <= cut
+        drop[:, -1] = False  # the most likely id always stays
+        tie_cut = (drop[:, 1:] != drop[:, :-1]) & (vals[:, 1:] == vals[:, :-1])
+        if bool(((cum - cut).abs() < tol).any() or tie_cut.any()):
+            break  # undecidable here: HF's own computation below
+        return ids, vals.masked_fill(drop, float("-inf"))
+    return None, (_top_p_sorted(logits, top_p) if top_p < 1.0 else logits)
+
+
+def _top_p_sorted(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """TopPLogitsWarper's own arithmetic, with a sort of the whole vocabulary: (R, V) -> (R, V)."""
+    ascending, order = logits.sort(dim=-1)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # (R, V) in sorted order
+    drop[:, -1] = False
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+
+
+def warp(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """The warped logits over the whole vocabulary (−inf where filtered), exactly HF's warpers': (R, V) -> (R, V)."""
+    ids, vals = filtered(logits, temperature, top_p, top_k)
+    return vals if ids is None else torch.full_like(logits, float("-inf")).scatter(1, ids, vals)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
+                generators: list | None = None) -> torch.Tensor:
+    """One draw per row from the warped distribution, among the candidates only: (R, V) -> (R,). generators: one
+    torch.Generator per block of rows (R / len(generators) rows each: one prompt's group), so each prompt's draws
+    do not depend on the other prompts decoded with it; None: the global generator."""
+    ids, vals = filtered(logits, temperature, top_p, top_k)
+    probs = vals.softmax(dim=-1)  # (R, m)
+    if generators is None:
+        pick = torch.multinomial(probs, num_samples=1)
+    else:
+        pick = torch.cat([torch.multinomial(p, num_samples=1, generator=g)
+                          for p, g in zip(probs.chunk(len(generators)), generators)])
+    return (pick if ids is None else ids.gather(1, pick)).squeeze(1)

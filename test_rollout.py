@@ -74,6 +74,30 @@ def test_top_p_filter_is_hfs():
         assert (ours.isfinite().sum(dim=1) >= 1).all()
 
 
+@pytest.mark.parametrize("top_k", (0, 50, 7))
+def test_filter_is_hfs_with_and_without_top_k_ties_included(top_k, monkeypatch):
+    """torch.equal against TopKLogitsWarper + TopPLogitsWarper: random logits (no full sort needed with top-k),
+    peaked ones (the nucleus found among candidates without top-k) and quantised ones (ties at the k-th and at the cut)."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(6, 3000, generator=g) * 3, torch.randn(6, 3000, generator=g) * 12,
+             torch.randint(-4, 4, (6, 3000), generator=g).float()]
+    for logits in cases:
+        for temperature, top_p in ((1.0, 0.95), (0.7, 0.5), (1.3, 0.1), (1.0, 1.0)):
+            theirs = TemperatureLogitsWarper(temperature)(None, logits.clone())
+            if top_k:
+                theirs = TopKLogitsWarper(top_k)(None, theirs)
+            if top_p < 1:
+                theirs = TopPLogitsWarper(top_p)(None, theirs)
+            assert torch.equal(rollout.warp(logits, temperature, top_p, top_k), theirs)
+    if top_k:  # random logits with top-k: no sort of the vocabulary at all
+        monkeypatch.setattr(rollout, "_top_p_sorted", lambda *a: pytest.fail("full sort"))
+        ids, vals = rollout.filtered(cases[0], 1.0, 0.95, top_k)
+        assert ids.shape[1] == top_k and torch.multinomial(vals.softmax(-1), 1).shape == (6, 1)
+
+
 def test_sampled_rows_end_independently(demo_full, monkeypatch):
     """Rows that end early get the pad token after their end-of-turn token; the others go on."""
     llm, prompt = _one_prompt("tiny-videollama3", demo_full)
