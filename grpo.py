@@ -200,7 +200,7 @@ def rollout_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, 
     with T.autocast(policy.device):
         prompt = rollout.encode_videos(policy, prompt)  # the frozen vision encoder runs once per group, here
         completion, texts = rollout.sample_group(policy, prompt, G, max_new_tokens=args.max_completion_length,
-                                           temperature=args.temperature, top_p=args.top_p,
+                                                 temperature=args.temperature, top_p=args.top_p,
                                                  top_k=args.top_k)  # (G, L), one prefill
         mask = M.completion_mask(completion, policy.eot_id)  # (G, L)
         batch = rollout.repeat_rows(prompt, G)  # G rows sharing the video features: no vision encoder in the update
