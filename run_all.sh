@@ -10,7 +10,9 @@
 #   (DATA_ROOT holds at_sft.jsonl, cold_start.jsonl, grpo.jsonl, eval.jsonl; or set AT_SFT_DATA,
 #    COLD_START_DATA, GRPO_DATA, EVAL_DATA one by one.) With a real model the paper's hyperparameters
 #   are used; the demo's small budgets and large learning rates apply only to the built-in tiny models.
-# SEED (default 42) seeds every training stage. Extra flags per stage: AT_SFT_ARGS, COLD_START_ARGS, GRPO_ARGS, EVAL_ARGS.
+# SEED (default 42) seeds every training stage. SEEDS="1 2 3" runs the whole pipeline once per seed into
+#   $RUNS_DIR/$RUN_NAME-seeds/seed<S>/ and writes one table of mean [min-max] over them, with the demo's story
+#   checked run by run: $RUNS_DIR/$RUN_NAME-seeds/report.md (the README's demo table comes from this). Extra flags per stage: AT_SFT_ARGS, COLD_START_ARGS, GRPO_ARGS, EVAL_ARGS.
 # Output (RUNS_DIR defaults to runs): $RUNS_DIR/$RUN_NAME/{at_sft,cold_start,grpo} checkpoints,
 #         $RUNS_DIR/$RUN_NAME/eval/<stage>/, $RUNS_DIR/$RUN_NAME/report.md and summary.json.
 set -euo pipefail
@@ -27,6 +29,18 @@ RUNS_DIR=${RUNS_DIR:-runs}
 SEED=${SEED:-42}  # every training stage's --seed
 OUT=$RUNS_DIR/$RUN_NAME
 PY=${PYTHON:-python}
+
+if [ -n "${SEEDS:-}" ]; then  # one whole pipeline per seed, then the combined table
+  runs=()
+  for s in $SEEDS; do
+    echo; echo "##### seed $s"
+    SEEDS="" SEED=$s RUNS_DIR="$OUT-seeds" RUN_NAME="seed$s" bash "$0" || exit 1
+    runs+=("$OUT-seeds/seed$s")
+  done
+  $PY eval.py --seeds "${runs[@]}" --out "$OUT-seeds"
+  echo; echo "run_all.sh: done. Report over seeds $SEEDS: $OUT-seeds/report.md"
+  exit 0
+fi
 
 # Budgets. The tiny demo model starts from random weights, so it needs large learning rates and several
 # epochs to learn anything in minutes; a real checkpoint gets the paper's defaults (the flags' defaults).

@@ -352,3 +352,39 @@ def test_benchmark_missing_video_skipped_and_counted(vsb, tmp_path):
     assert m["n"] == 4 and m["skipped_records"] == 2 and all("2.mp4" in why for why in m["skipped"])
     assert m["benchmark"]["splits"]["harmful"]["n"] == 2 and m["benchmark"]["splits"]["harmful"]["sources"] == {
         "stand-in": 2}
+
+
+# -----------------------------------------------------------------------------
+# Several seeds: the combined table and the story checks
+
+
+def _seed_summary(vid_cold, vid_grpo, frr_cold=0.0, frr_grpo=0.0):
+    return {"base": {"n": 60, "dsr_hh": 0.0, "frr_safeq": 0.0},
+            "at_sft": {"n": 60, "dsr_hh": 1.0, "atc_v_acc": 0.95},
+            "cold_start": {"n": 60, "dsr_hh": 1.0, "format_rate": 1.0, "video_label_acc": vid_cold, "frr_safeq": frr_cold},
+            "grpo": {"n": 60, "dsr_hh": 1.0, "format_rate": 1.0, "video_label_acc": vid_grpo, "frr_safeq": frr_grpo}}
+
+
+def test_seeds_mean_range_and_story(tmp_path, capsys):
+    runs = {"seed1": _seed_summary(0.70, 0.90), "seed2": _seed_summary(0.50, 0.80, 0.05, 0.0),
+            "seed3": _seed_summary(0.90, 0.85, 0.0, 0.10)}  # seed3: GRPO loses label accuracy and adds refusals
+    for name, s in runs.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    out = tmp_path / "combined"
+    ev.main(["--seeds", *[str(tmp_path / n) for n in runs], "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    cold = summary["stages"]["cold_start"]["video_label_acc"]
+    assert cold["mean"] == pytest.approx(0.7) and cold["min"] == 0.5 and cold["max"] == 0.9 and cold["n"] == 3
+    assert summary["stages"]["grpo"]["frr_safeq"] == {"mean": pytest.approx(0.1 / 3), "min": 0.0, "max": 0.1, "n": 3}
+    assert summary["stages"]["base"]["dsr_hh"] == {"mean": 0.0, "min": 0.0, "max": 0.0, "n": 3}
+    story = summary["story"]
+    assert all(story["seed1"].values()) and all(story["seed2"].values())
+    failed = [claim for claim, ok in story["seed3"].items() if not ok]
+    assert failed == [ev.STORY[4][0], ev.STORY[5][0]]  # the two GRPO claims, nothing else
+    report = (out / "report.md").read_text()
+    assert "| cold_start |" in report and "70.0 [50.0–90.0]" in report and "holds in full in 2 of 3 runs" in report
+    # a metric that a stage did not measure fails its claim rather than passing silently
+    assert ev.story_checks({"base": {"dsr_hh": 0.0}}) == [True] + [False] * (len(ev.STORY) - 1)
+    with pytest.raises(SystemExit, match="no summary.json"):
+        ev.main(["--seeds", str(tmp_path / "nowhere")])
