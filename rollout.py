@@ -5,7 +5,10 @@ encoder and prefills the whole prompt G times, and every training forward runs t
 copies. Here a group's prompt is collated once (one row), the frozen vision encoder runs once
 (`encode_videos`), the prompt is prefilled once and its KV cache shared by the G samples (`sample_group`), and
 the update's forwards reuse the features for all G rows (`repeat_rows`). Same tokens, same log-probs
-(test_rollout.py checks both against the straightforward path in bench.py).
+(test_rollout.py checks both against the straightforward path in bench.py). A step's P prompts decode together
+(`sample_groups`): each prefilled alone, their caches stacked left-padded, the P × G rows one batch per token, each
+prompt with its own generator, so its tokens are those of decoding it alone. Decoding reads all the weights per
+token whatever the batch, so on a GPU one loop for P prompts costs about what one prompt's does.
 
 Sampling is `generate`'s: the banned tokens, temperature, top-k, then top-p (nucleus) filtering exactly as
 transformers' warpers do it (`warp`), found among the candidates instead of a sort of the whole vocabulary, then
