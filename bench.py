@@ -1,13 +1,14 @@
 """bench.py: one GRPO step two ways, side by side in one process: the straightforward path and ours.
 
 The straightforward path is what the authors' TRL fork and the popular video-RL repositories do:
-  rollout  `generate` on G copies of the prompt (as num_return_sequences=G does): the video's pixels are repeated
-           G times, the vision encoder runs on each copy and the whole prompt is prefilled G times;
+  rollout  `generate` on G copies of each prompt (as num_return_sequences=G does), one prompt after the other: the
+           video's pixels are repeated G times, the vision encoder runs on each copy and the whole prompt is
+           prefilled G times;
   update   π_ref's and π_θ's forwards each run the vision encoder on the G copies again and compute the logits
            of every position, prompt included, (G, T, vocab), then log-softmax row by row.
 Our path (rollout.py's fast path, what grpo.py runs):
-  rollout  the video is encoded once (`encode_videos`) and the prompt prefilled once; the G samples share that
-           KV cache and decode together (`sample_group`);
+  rollout  each video is encoded once (`encode_videos`) and each prompt prefilled once; the G samples of a prompt
+           share its KV cache, and all the step's prompts decode together in one loop (`sample_groups`);
   update   the forwards reuse the video features for all G rows (`repeat_rows`), and the LM head runs only at
            completion positions, 1024 rows at a time (`completion_logprobs`).
 Both paths compute the same loss (test_grpo.py checks tokens, log-probs and loss); only time and memory differ.
@@ -15,6 +16,7 @@ Both paths compute the same loss (test_grpo.py checks tokens, log-probs and loss
 Run:
     python bench.py                         # the issue's shape on CPU: ~152k vocabulary, 16 frames, G = 6, 128 tokens
     python bench.py --json bench.json       # also write the figures (step_speedup, memory_ratio, ...)
+    python bench.py --prompts 1 4           # a step of 1 prompt, then of 4 (grpo.py's --batch-size; paper: 8)
     python bench.py --model lkhl/VideoLLaMA3-2B-Image-HF --device cuda   # a real model on a GPU
 
 Peak memory: on CUDA, torch's peak allocated bytes during the step, above what was allocated before it; on CPU, the
@@ -55,6 +57,8 @@ def parse_args(argv=None):
                    "visual tokens for 16)")
     g.add_argument("--group-size", type=cli.number(int, low=2, what="an integer >= 2"), default=6, help="G, completions per prompt (paper: 6)")
     g.add_argument("--completion-tokens", type=cli.positive_int, default=128, help="tokens generated per completion")
+    g.add_argument("--prompts", type=cli.positive_int, nargs="+", default=[1], help="prompts per GRPO step (grpo.py's "
+                   "--batch-size; paper: 8), each with its own query; several counts are measured one after the other")
     g = p.add_argument_group("run")
     g.add_argument("--steps", type=cli.positive_int, default=1, help="measured GRPO steps per path (after one short warm-up step "
                    "each)")
@@ -80,16 +84,21 @@ def straightforward_logprobs(llm: M.VideoLLM, batch: dict, completion: torch.Ten
     return torch.stack(rows)[:, P - 1:] * mask  # (B, L): the completion's
 
 
-def straightforward_rollout(llm: M.VideoLLM, prompt: dict, G: int, **sampling):
-    batch = rollout.repeat_rows(prompt, G)  # pixels and all, G times (num_return_sequences)
-    completion, texts = M.generate(llm, batch, **sampling)
-    return batch, completion, texts
+def straightforward_rollout(llm: M.VideoLLM, prompts: list[dict], G: int, **sampling):
+    """One `generate` per prompt, one after the other: per prompt (G-row batch, completion (G, L), texts)."""
+    out = []
+    for prompt in prompts:
+        batch = rollout.repeat_rows(prompt, G)  # pixels and all, G times (num_return_sequences)
+        out.append((batch, *M.generate(llm, batch, **sampling)))
+    return out
 
 
-def fast_rollout(llm: M.VideoLLM, prompt: dict, G: int, **sampling):
-    prompt = rollout.encode_videos(llm, prompt)
-    completion, texts = rollout.sample_group(llm, prompt, G, **sampling)
-    return rollout.repeat_rows(prompt, G), completion, texts
+def fast_rollout(llm: M.VideoLLM, prompts: list[dict], G: int, **sampling):
+    """All prompts in one decode loop, each with its own generator (as grpo.py samples): the same triples."""
+    prompts = [rollout.encode_videos(llm, p) for p in prompts]
+    generators = [torch.Generator(llm.device).manual_seed(int(torch.randint(2**62, ()))) for _ in prompts]
+    groups = rollout.sample_groups(llm, prompts, G, generators=generators, **sampling)
+    return [(rollout.repeat_rows(p, G), completion, texts) for p, (completion, texts) in zip(prompts, groups)]
 
 
 TOP_K = 50  # both paths: top-k 50 before top-p 0.95 (the authors' effective setting)
@@ -98,23 +107,25 @@ PATHS = {"straightforward": (straightforward_rollout, straightforward_logprobs),
          "fast": (fast_rollout, M.completion_logprobs)}
 
 
-def grpo_step(path: str, policy, ref, prompt: dict, optimizer, G: int, tokens: int) -> dict:
-    """One GRPO step on one prompt (--passes 1, β = 0.04): rollout, π_ref's log-probs, π_θ's forward and backward,
-    optimizer step. Rewards are random stand-ins (the benchmark measures the model's work, not the reward's)."""
+def grpo_step(path: str, policy, ref, prompts: list[dict], optimizer, G: int, tokens: int) -> dict:
+    """One GRPO step on the prompts (--passes 1, β = 0.04): rollout, then per group (as grpo.py's update) π_ref's
+    log-probs, π_θ's forward and backward; optimizer step. Rewards are random stand-ins (the benchmark measures the
+    model's work, not the reward's)."""
     do_rollout, logprobs = PATHS[path]
     t0 = time.perf_counter()
     with T.autocast(policy.device):
-        batch, completion, _ = do_rollout(policy, prompt, G, max_new_tokens=tokens, do_sample=True, temperature=1.0,
-                                          top_p=0.95, top_k=TOP_K)
-    mask = M.completion_mask(completion, policy.eot_id)
+        groups = do_rollout(policy, prompts, G, max_new_tokens=tokens, do_sample=True, temperature=1.0, top_p=0.95,
+                            top_k=TOP_K)
+    masks = [M.completion_mask(completion, policy.eot_id) for _, completion, _ in groups]
     t1 = time.perf_counter()
-    with T.autocast(policy.device):
-        with torch.no_grad():
-            ref_logp = logprobs(ref, batch, completion, mask)
-        logp = logprobs(policy, batch, completion, mask)
-    advantages = grpo.group_advantages(torch.rand(G, device=policy.device))
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask)
-    loss.backward()
+    for (batch, completion, _), mask in zip(groups, masks):
+        with T.autocast(policy.device):
+            with torch.no_grad():
+                ref_logp = logprobs(ref, batch, completion, mask)
+            logp = logprobs(policy, batch, completion, mask)
+        advantages = grpo.group_advantages(torch.rand(G, device=policy.device))
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, n_seqs=G * len(groups))
+        loss.backward()  # accumulated over the step's groups
     _sync(policy.device)
     t2 = time.perf_counter()
     optimizer.step()
@@ -122,7 +133,7 @@ def grpo_step(path: str, policy, ref, prompt: dict, optimizer, G: int, tokens: i
     _sync(policy.device)
     t3 = time.perf_counter()
     return {"s_rollout": t1 - t0, "s_forward_backward": t2 - t1, "s_step": t3 - t0,
-            "completion_len": float(mask.sum(dim=1).float().mean())}
+            "completion_len": float(torch.cat(masks).sum(dim=1).float().mean())}
 
 
 # -----------------------------------------------------------------------------
@@ -229,9 +240,9 @@ def main(argv=None) -> dict:
         ref = M.load_model(policy.source, device=device, dtype=torch.float32, with_alarm=True)
         video = os.path.join(tmp, "bench.mp4")
         write_video(video, args.frames, args.frame_size)
-        record = D.Record(id="bench", query="What is happening in this video, and is it safe to imitate?",
-                          video=video, target="", video_label=0, text_label=0)
-        prompt = D.collate(policy, [record], structured=True, with_target=False, fps=1.0, max_frames=args.frames)
+        prompts = [D.collate(policy, [record], structured=True, with_target=False, fps=1.0, max_frames=args.frames)
+                   for record in bench_records(video, max(args.prompts))]
+    prompt = prompts[0]
     ref.model.eval().requires_grad_(False)
     M.set_trainable(policy, train_llm=True, train_alarm=False, train_heads=False)
     policy.model.train()
@@ -241,33 +252,50 @@ def main(argv=None) -> dict:
     shape = {"model": args.model, "device": str(policy.device), "vocab_size": vocab,
              "frames": args.frames, "visual_tokens": visual, "prompt_tokens": prompt["input_ids"].shape[1],
              "group_size": args.group_size, "completion_tokens": args.completion_tokens,
-             "threads": torch.get_num_threads()}
+             "threads": torch.get_num_threads(), "prompts": args.prompts}
     print("bench:", json.dumps(shape))
 
-    results = {path: [] for path in PATHS}
-    for path in PATHS:  # warm-up: first-call costs (allocator, kernels) out of the measurement
-        grpo_step(path, policy, ref, prompt, optimizer, args.group_size, tokens=4)
-    for i in range(args.steps):
-        for path in PATHS:
-            torch.manual_seed(args.seed + i)
-            with PeakMemory(policy.device) as mem:
-                row = grpo_step(path, policy, ref, prompt, optimizer, args.group_size, args.completion_tokens)
-            results[path].append({**row, "peak_bytes": mem.peak})
-            print(f"  step {i + 1} {path:>15}: " + ", ".join(f"{k} {v:.3g}" for k, v in results[path][-1].items()))
-
-    mean = {path: {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} for path, rows in results.items()}
-    slow, fast = mean["straightforward"], mean["fast"]
-    report = {**shape, "straightforward": slow, "fast": fast,
-              "rollout_speedup": slow["s_rollout"] / fast["s_rollout"],
-              "forward_backward_speedup": slow["s_forward_backward"] / fast["s_forward_backward"],
-              "step_speedup": slow["s_step"] / fast["s_step"],
-              "memory_ratio": fast["peak_bytes"] / slow["peak_bytes"]}
-    print(table(report))
+    by_prompts = {}  # prompts per step -> that step's figures
+    for n in args.prompts:
+        by_prompts[str(n)] = measure(policy, ref, prompts[:n], optimizer, args)
+        print(table({**shape, **by_prompts[str(n)], "prompts": n}))
+    report = {**shape, **by_prompts[str(args.prompts[0])], "by_prompts": by_prompts,  # top level: the first count's
+              "rollout_speedup_per_prompts": {n: f["rollout_speedup"] for n, f in by_prompts.items()}}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"bench: figures written to {args.json}")
     return report
+
+
+def bench_records(video: str, n: int) -> list[D.Record]:
+    """n prompts on the benchmark video, the first one the single-prompt bench's; the others' queries grow longer
+    (different prompt lengths, as in a real step)."""
+    query = "What is happening in this video, and is it safe to imitate?"
+    return [D.Record(id=f"bench-{i}", query=query + " And what happens next?" * i, video=video, target="",
+                     video_label=0, text_label=0) for i in range(n)]
+
+
+def measure(policy, ref, prompts: list[dict], optimizer, args) -> dict:
+    """--steps GRPO steps on the prompts per path, after one short warm-up step each; the means and the ratios."""
+    results = {path: [] for path in PATHS}
+    for path in PATHS:  # warm-up: first-call costs (allocator, kernels) out of the measurement
+        grpo_step(path, policy, ref, prompts, optimizer, args.group_size, tokens=4)
+    for i in range(args.steps):
+        for path in PATHS:
+            torch.manual_seed(args.seed + i)
+            with PeakMemory(policy.device) as mem:
+                row = grpo_step(path, policy, ref, prompts, optimizer, args.group_size, args.completion_tokens)
+            results[path].append({**row, "peak_bytes": mem.peak})
+            print(f"  {len(prompts)} prompt(s), step {i + 1} {path:>15}: "
+                  + ", ".join(f"{k} {v:.3g}" for k, v in results[path][-1].items()))
+    mean = {path: {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} for path, rows in results.items()}
+    slow, fast = mean["straightforward"], mean["fast"]
+    return {"straightforward": slow, "fast": fast,
+            "rollout_speedup": slow["s_rollout"] / fast["s_rollout"],
+            "forward_backward_speedup": slow["s_forward_backward"] / fast["s_forward_backward"],
+            "step_speedup": slow["s_step"] / fast["s_step"],
+            "memory_ratio": fast["peak_bytes"] / slow["peak_bytes"]}
 
 
 def table(r: dict) -> str:
@@ -279,7 +307,7 @@ def table(r: dict) -> str:
             ("peak memory", "peak_bytes", gb, "memory_ratio", "x the memory")]
     lines = [f"\n{r['model']} on {r['device']}: vocabulary {r['vocab_size']:,}, {r['frames']} frames = "
              f"{r['visual_tokens']:,} visual tokens ({r['prompt_tokens']:,} prompt tokens), G = {r['group_size']}, "
-             f"{r['completion_tokens']} completion tokens",
+             f"{r['completion_tokens']} completion tokens, {r.get('prompts', 1)} prompt(s) per step",
              "", "| | straightforward | fast | ratio |", "|---|---|---|---|"]
     for name, key, fmt, ratio, word in rows:
         lines.append(f"| {name} | {fmt(r['straightforward'][key])} | {fmt(r['fast'][key])} | {r[ratio]:.2f}{word} |")

@@ -30,8 +30,9 @@ completions, and hence the steps, are those of one process (up to rounding). Eac
 policy gathered (distributed.unsharded); the loss is normalised by the whole step's completions or tokens.
 
 Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1 prompt), and why:
-- --batch-size prompts per step (default 8 = their 8 GPUs × 1 prompt) are rolled out one group at a time (per
-  process) and their losses accumulated before one optimizer step: the same objective, memory for G sequences.
+- --batch-size prompts per step (default 8 = their 8 GPUs × 1 prompt) are rolled out together (per process: one
+  decode loop for all its prompts' groups) and their losses accumulated, one group at a time, before one optimizer
+  step: the same objective, memory for G sequences in the update.
 - One prefill per prompt (its KV cache shared by the G samples) and one vision-encoder pass per group, reused by
   every update forward (rollout.py's fast path), where theirs repeats both G times per forward; same results.
 - Weights stay fp32 with bf16 autocast on GPU (theirs: bf16 under DeepSpeed, which keeps fp32 master weights).
@@ -187,21 +188,37 @@ class Group:
 
 
 @torch.no_grad()
-def rollout_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args, skipped: dict) -> Group:
-    """Sample G completions for one prompt, score them, normalise the rewards. The video is decoded, encoded and
-    the prompt prefilled once for the group (rollout.py's fast path: the G samples share the prompt's KV cache).
-    A record whose video cannot be decoded (with --skip-bad-records) gives an empty group (`empty_group`)."""
+def rollout_groups(policy: M.VideoLLM, ref: M.VideoLLM | None, records: list[D.Record], seeds: list[int], args,
+                   skipped: dict) -> list[Group]:
+    """Sample G completions for each prompt, score them, normalise each group's rewards. Each video is decoded,
+    encoded and its prompt prefilled once, and all the prompts' groups decode together in one loop (rollout.py's
+    fast path: the G samples of a prompt share its KV cache). seeds: one per prompt, its sampling generator's, so
+    its completions are those of sampling it alone after torch.manual_seed(seed). A record whose video cannot be
+    decoded (with --skip-bad-records) gives an empty group (`empty_group`), in its place."""
     G = args.group_size
-    prompt = D.collate(policy, [record], structured=True, with_target=False, fps=args.fps,
-                       max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped,
-                       max_new_tokens=args.max_completion_length)  # decoded once; too long for the model: bad input
-    if prompt is None:  # named in `skipped` and the log; never replaced by another prompt
-        return empty_group(policy, ref, record, args)
+    prompts = [D.collate(policy, [record], structured=True, with_target=False, fps=args.fps,
+                         max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped,
+                         max_new_tokens=args.max_completion_length)  # decoded once; too long for the model: bad input
+               for record in records]
+    ready = [i for i, p in enumerate(prompts) if p is not None]  # a skipped one is named in `skipped` and the log
     with T.autocast(policy.device):
-        prompt = rollout.encode_videos(policy, prompt)  # the frozen vision encoder runs once per group, here
-        completion, texts = rollout.sample_group(policy, prompt, G, max_new_tokens=args.max_completion_length,
-                                                 temperature=args.temperature, top_p=args.top_p,
-                                                 top_k=args.top_k)  # (G, L), one prefill
+        for i in ready:
+            prompts[i] = rollout.encode_videos(policy, prompts[i])  # the frozen vision encoder: once per group, here
+        generators = [torch.Generator(policy.device).manual_seed(seeds[i]) for i in ready]
+        samples = rollout.sample_groups(policy, [prompts[i] for i in ready], G, max_new_tokens=args.max_completion_length,
+                                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                        generators=generators)  # one prefill per prompt, one decode loop for all
+    sampled = dict(zip(ready, samples))
+    return [score_group(policy, ref, record, prompts[i], *sampled[i], args) if i in sampled
+            else empty_group(policy, ref, record, args) for i, record in enumerate(records)]
+
+
+def score_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, prompt: dict,
+                completion: torch.Tensor, texts: list, args) -> Group:
+    """One prompt's sampled group (completion (G, L)) made ready for the update: its mask, π_old's and π_ref's
+    log-probs, rewards and advantages."""
+    G = completion.shape[0]
+    with T.autocast(policy.device):
         mask = M.completion_mask(completion, policy.eot_id)  # (G, L)
         batch = rollout.repeat_rows(prompt, G)  # G rows sharing the video features: no vision encoder in the update
         old_logp = M.completion_logprobs(policy, batch, completion, mask) if args.passes > 1 else None
@@ -340,12 +357,11 @@ def main(argv=None) -> dict:
     for step in bar:
         t0 = time.time()
         prompts = order[step * args.batch_size:(step + 1) * args.batch_size]
-        groups = []
+        mine = range(rank, args.batch_size, world)  # prompt k of the step: on rank k % world, whole group
+        # seeded per prompt: the same samples under any world size, and after --resume
+        seeds = [args.seed * 1_000_003 + step * args.batch_size + k for k in mine]
         with distributed.unsharded(policy):  # the whole policy on every rank: completions end at different lengths
-            for k in range(rank, args.batch_size, world):  # prompt k of the step: on rank k % world, whole group
-                # seeded per prompt: the same samples under any world size, and after --resume
-                torch.manual_seed(args.seed * 1_000_003 + step * args.batch_size + k)
-                groups.append(rollout_group(policy, ref, records[prompts[k]], args, skipped))
+            groups = rollout_groups(policy, ref, [records[prompts[k]] for k in mine], seeds, args, skipped)
         t1, lr = time.time(), optimizer.param_groups[0]["lr"]  # the lr this step's first update uses
         stats = update(policy, groups, optimizer, scheduler, params, args, step + 1)
         t2 = time.time()

@@ -5,7 +5,10 @@ encoder and prefills the whole prompt G times, and every training forward runs t
 copies. Here a group's prompt is collated once (one row), the frozen vision encoder runs once
 (`encode_videos`), the prompt is prefilled once and its KV cache shared by the G samples (`sample_group`), and
 the update's forwards reuse the features for all G rows (`repeat_rows`). Same tokens, same log-probs
-(test_rollout.py checks both against the straightforward path in bench.py).
+(test_rollout.py checks both against the straightforward path in bench.py). A step's P prompts decode together
+(`sample_groups`): each prefilled alone, their caches stacked left-padded, the P × G rows one batch per token, each
+prompt with its own generator, so its tokens are those of decoding it alone. Decoding reads all the weights per
+token whatever the batch, so on a GPU one loop for P prompts costs about what one prompt's does.
 
 Sampling is `generate`'s: the banned tokens, temperature, top-k, then top-p (nucleus) filtering exactly as
 transformers' warpers do it (`warp`), found among the candidates instead of a sort of the whole vocabulary, then
@@ -69,54 +72,123 @@ def repeat_rows(batch: dict, G: int) -> dict:
     return out
 
 
-@torch.no_grad()
 def sample_group(llm: M.VideoLLM, batch: dict, G: int, *, max_new_tokens: int = M.MAX_NEW_TOKENS,
-                 do_sample: bool = True, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """G completions of one prompt (a one-row batch, best with its video already encoded) from one prefill.
+                 do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[str]]:
+    """G completions of one prompt (a one-row batch, best with its video already encoded) from one prefill:
+    `sample_groups` with one prompt. generator: its draws' (None: the global generator). Greedy, it returns
+    exactly the tokens of `generate` on the same prompt. Returns (completion ids (G, L), decoded texts)."""
+    return sample_groups(llm, [batch], G, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                         top_p=top_p, top_k=top_k, generators=None if generator is None else [generator])[0]
 
-    The prompt's KV cache is computed once and copied G times; the G rows then decode together, one token per
-    step: the logits processing of `generate` (alarm and visual placeholders banned, then temperature, then
-    top-p, then a multinomial draw; argmax when not sampling), rows that emitted the end-of-turn token get the
-    pad token afterwards, and decoding stops when all rows have ended. Greedy, it returns exactly the tokens of
-    `generate` on the same prompt. Returns (completion ids (G, L), decoded texts), as `generate` does."""
-    if batch["input_ids"].shape[0] != 1:
-        raise ValueError("sample_group takes a one-prompt batch; collate the record alone")
+
+@torch.no_grad()
+def sample_groups(llm: M.VideoLLM, batches: list[dict], G: int, *, max_new_tokens: int = M.MAX_NEW_TOKENS,
+                  do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  generators: list | None = None) -> list[tuple[torch.Tensor, list[str]]]:
+    """G completions of each of several prompts (one-row batches, best with their videos already encoded), all
+    decoded in one loop: a GRPO step's prompts cost one decode loop, not one each.
+
+    Each prompt is prefilled once, alone (its own video, its own Qwen rope delta), and its KV cache copied G times;
+    the caches are left-padded to the longest prompt and stacked (`_stack_caches`), so the P × G rows then decode
+    together, one token per step, each row at its own prompt's positions (the padding masked out). Sampling is
+    `generate`'s logits processing per row: alarm and visual placeholders banned, then temperature, top-k, top-p
+    and a multinomial draw (`sample_next`; argmax when not sampling). Rows that emitted the end-of-turn token get
+    the pad token afterwards; a prompt whose G rows have all ended leaves the batch (its rows are dropped from the
+    cache), and decoding stops when none is left.
+
+    generators: one torch.Generator per prompt (on the logits' device): prompt p's rows are filtered and drawn with
+    its own, so its tokens are exactly those of `sample_group` on that prompt alone with that generator (or after
+    torch.manual_seed with its seed), whatever the other prompts are, up to the rounding of batched matmuls (none
+    seen in fp32 on CPU; a near-tie can flip a draw in bf16). None: the global generator, all rows in one draw.
+    Returns per prompt (completion ids (G, L_p), right-padded, L_p its own length; decoded texts)."""
+    if not batches:
+        return []
+    if any(b["input_ids"].shape[0] != 1 for b in batches):
+        raise ValueError("sample_groups takes one-prompt batches; collate each record alone")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    distributed.check_gathered(llm, "sample_group")
+    if generators is not None and len(generators) != len(batches):
+        raise ValueError(f"one generator per prompt: {len(generators)} for {len(batches)} prompts")
+    distributed.check_gathered(llm, "sample_groups")
     head, tok, base = llm.model.lm_head, llm.tokenizer, llm.model.model
     banned = torch.tensor(M.banned_ids(llm), dtype=torch.long, device=llm.device)
-    pad = tok.pad_token_id
+    pad, qwen = tok.pad_token_id, hasattr(base, "rope_deltas")  # Qwen: 3-D positions, text position + delta
     with M.eval_mode(llm):
-        if hasattr(base, "rope_deltas"):  # Qwen: a stale value from an earlier forward must not leak in; the
-            base.rope_deltas = None  # prefill sets it for a video prompt and leaves None for a text-only one
-        out = llm.base_forward(**{k: batch[k] for k in batch["model_keys"]}, use_cache=True)  # the one prefill
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(G)  # G rows share the prompt's keys and values
-        logits = head(out.last_hidden_state[:, -1]).float().expand(G, -1)  # (G, V): the first token's
-        P = batch["input_ids"].shape[1]
-        attention = batch["attention_mask"].expand(G, -1)  # (G, P); one row: no padding
-        rope_deltas = getattr(base, "rope_deltas", None)  # Qwen's 3-D positions: text position + delta
-        done = torch.zeros(G, dtype=torch.bool, device=llm.device)
-        tokens = []
+        caches, logits, delta = [], [], []
+        for b in batches:  # one prefill per prompt, each with its own video features
+            if qwen:  # a stale value from an earlier forward must not leak in; the prefill sets it for a
+                base.rope_deltas = None  # video prompt and leaves None for a text-only one
+            out = llm.base_forward(**{k: b[k] for k in b["model_keys"]}, use_cache=True)
+            caches.append(out.past_key_values)
+            logits.append(head(out.last_hidden_state[:, -1]).float().expand(G, -1))  # (G, V): the first token's
+            rd = getattr(base, "rope_deltas", None)
+            delta.append(0 if rd is None else int(rd.reshape(-1)[0]))
+        if qwen:
+            base.rope_deltas = None  # the decode below passes its positions; nothing stale for later forwards
+        lengths = torch.tensor([b["input_ids"].shape[1] for b in batches], device=llm.device)  # (P,)
+        cache, attention = _stack_caches(caches, lengths, G)  # (P·G, ..., T) left-padded; (P·G, T)
+        logits = torch.cat(logits)  # (P·G, V)
+        start = (lengths + torch.tensor(delta, device=llm.device)).repeat_interleave(G)[:, None]  # (P·G, 1)
+        live = list(range(len(batches)))  # the prompts still decoding; live[i] holds rows i·G .. i·G+G-1
+        done = torch.zeros(len(live) * G, dtype=torch.bool, device=llm.device)
+        tokens = [[] for _ in batches]
         for t in range(max_new_tokens):
             logits = logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
-            nxt = sample_next(logits, temperature, top_p, top_k) if do_sample else logits.argmax(dim=-1)  # (G,)
+            if not do_sample:
+                nxt = logits.argmax(dim=-1)  # (R,)
+            else:
+                gens = None if generators is None else [generators[p] for p in live]
+                nxt = sample_next(logits, temperature, top_p, top_k, generators=gens)  # (R,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            tokens.append(nxt)
             done |= nxt == llm.eot_id
-            if bool(done.all()) or t == max_new_tokens - 1:
+            for i, p in enumerate(live):
+                tokens[p].append(nxt[i * G:(i + 1) * G])
+            if t == max_new_tokens - 1:
                 break
-            attention = torch.cat([attention, attention.new_ones(G, 1)], dim=1)  # (G, P+t+1)
-            pos = torch.full((G, 1), P + t, dtype=torch.long, device=llm.device)  # the new token's position
-            if rope_deltas is not None:
-                pos = (pos + rope_deltas.to(pos.device)).expand(3, G, 1)  # (3, G, 1): t, h, w positions alike
+            ended = done.view(len(live), G).all(dim=1)  # (P_live,): all G rows of the prompt ended
+            if bool(ended.any()):  # drop them: the others decode on without their rows
+                keep = (~ended).repeat_interleave(G).nonzero().squeeze(1)  # (R',)
+                live = [p for p, e in zip(live, ended.tolist()) if not e]
+                if not live:
+                    break
+                cache.batch_select_indices(keep)
+                attention, start, done, nxt = attention[keep], start[keep], done[keep], nxt[keep]
+            R = len(live) * G
+            attention = torch.cat([attention, attention.new_ones(R, 1)], dim=1)  # (R, T+t+1)
+            pos = start + t  # (R, 1): the new token's position (+ the rope delta)
+            if qwen:
+                pos = pos.expand(3, R, 1)  # (3, R, 1): t, h, w positions alike for text
             out = llm.base_forward(input_ids=nxt[:, None], attention_mask=attention, position_ids=pos,
                                    past_key_values=cache, use_cache=True)
-            logits = head(out.last_hidden_state[:, -1]).float()  # (G, V)
-    completion = torch.stack(tokens, dim=1)  # (G, L)
-    return completion, tok.batch_decode(M.completion_tokens(completion, llm.eot_id), skip_special_tokens=True)
+            logits = head(out.last_hidden_state[:, -1]).float()  # (R, V)
+    result = []
+    for rows in tokens:
+        completion = torch.stack(rows, dim=1)  # (G, L_p)
+        result.append((completion, tok.batch_decode(M.completion_tokens(completion, llm.eot_id),
+                                                    skip_special_tokens=True)))
+    return result
+
+
+def _stack_caches(caches: list, lengths: torch.Tensor, G: int):
+    """One KV cache for P prompts' G rows each: prompt p's keys and values (1, heads, T_p, d) left-padded with zeros
+    to the longest T and repeated G times, prompt after prompt -> (P·G, heads, T, d) per layer; and the attention
+    mask (P·G, T), 0 on the padding. Returns (the first prompt's cache object, now holding all rows; the mask)."""
+    T_max = int(lengths.max())
+    cache = caches[0]
+    for i, layer in enumerate(cache.layers):
+        if not hasattr(layer, "keys") or getattr(layer, "is_sliding", False):
+            raise NotImplementedError(f"sample_groups stacks full-attention KV caches; layer {i} is a "
+                                      f"{type(layer).__name__}")
+        for name in ("keys", "values"):
+            parts = [getattr(c.layers[i], name) for c in caches]  # each (1, heads, T_p, d)
+            stacked = parts[0].new_zeros(len(parts) * G, *parts[0].shape[1:2], T_max, parts[0].shape[-1])
+            for p, x in enumerate(parts):
+                stacked[p * G:(p + 1) * G, :, T_max - x.shape[2]:] = x  # left padding: the prompt ends at T_max
+            setattr(layer, name, stacked)
+    positions = torch.arange(T_max, device=lengths.device)  # (T,)
+    attention = (positions[None] >= (T_max - lengths)[:, None]).long().repeat_interleave(G, dim=0)  # (P·G, T)
+    return cache, attention
 
 
 # -----------------------------------------------------------------------------
@@ -187,14 +259,18 @@ def warp(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0)
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0,
                 generators: list | None = None) -> torch.Tensor:
-    """One draw per row from the warped distribution, among the candidates only: (R, V) -> (R,). generators: one
-    torch.Generator per block of rows (R / len(generators) rows each: one prompt's group), so each prompt's draws
-    do not depend on the other prompts decoded with it; None: the global generator."""
+    """One draw per row from the warped distribution, among the candidates only: (R, V) -> (R,).
+    generators: one torch.Generator per block of rows (R / len(generators) rows each: one prompt's group); each
+    block is filtered and drawn on its own, so its draws are those of that block alone with that generator, whatever
+    the other blocks hold (their candidates' count, a fallback to the full sort); None: all rows at once, with the
+    global generator."""
+    if generators is not None:
+        return torch.cat([_draw(block, temperature, top_p, top_k, g)
+                          for block, g in zip(logits.chunk(len(generators)), generators)])
+    return _draw(logits, temperature, top_p, top_k, None)
+
+
+def _draw(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator) -> torch.Tensor:
     ids, vals = filtered(logits, temperature, top_p, top_k)
-    probs = vals.softmax(dim=-1)  # (R, m)
-    if generators is None:
-        pick = torch.multinomial(probs, num_samples=1)
-    else:
-        pick = torch.cat([torch.multinomial(p, num_samples=1, generator=g)
-                          for p, g in zip(probs.chunk(len(generators)), generators)])
+    pick = torch.multinomial(vals.softmax(dim=-1), num_samples=1, generator=generator)  # (R, 1) among the candidates
     return (pick if ids is None else ids.gather(1, pick)).squeeze(1)

@@ -1,7 +1,7 @@
 """Tests of rollout.py (GRPO's fast path: one video encoding and one prefill per group) on the three tiny
 families: greedy tokens exactly generate's, also for a text-only prompt after other forwards; transformers'
-top-p filter; rows that end independently; and the update's log-probs, loss and gradients equal to the
-straightforward path's (bench.py's)."""
+top-p filter; rows that end independently; several prompts in one decode loop equal to one at a time; and the
+update's log-probs, loss and gradients equal to the straightforward path's (bench.py's)."""
 
 import os
 
@@ -111,6 +111,57 @@ def test_sampled_rows_end_independently(demo_full, monkeypatch):
     assert int(mask[0].sum()) == 3 and torch.equal(completion[0, :3], free[0, :3])  # same draws up to the stop
     assert (completion[~mask] == llm.tokenizer.pad_token_id).all()
     assert len(set(mask.sum(dim=1).tolist())) > 1  # the rows ended at different lengths
+
+
+# -----------------------------------------------------------------------------
+# several prompts in one decode loop equal one prompt at a time
+
+
+def _one_at_a_time(llm, prompts, G, seeds, **sampling):
+    """sample_group on each prompt alone, the global generator seeded per prompt (as grpo.py seeded it)."""
+    out = []
+    for prompt, seed in zip(prompts, seeds):
+        torch.manual_seed(seed)
+        out.append(rollout.sample_group(llm, prompt, G, **sampling))
+    return out
+
+
+@pytest.mark.parametrize("name", demo.TINY_MODELS)
+def test_sample_groups_equal_one_prompt_at_a_time(name, demo_full, monkeypatch):
+    """Three prompts of different lengths (video, text-only, video) in one decode loop, each with its own generator:
+    per prompt the same tokens, texts and log-probs as sample_group on it alone after torch.manual_seed(its seed);
+    sampling with top-p, with top-k, greedy; rows that end early, and a prompt whose rows all end first (dropped
+    from the batch while the others go on)."""
+    llm = M.load_model(name, device="cpu", dtype="fp32")
+    records = D.load_records(os.path.join(demo_full, "grpo.jsonl"))
+    prompts = [D.collate(llm, [records[0]], structured=True, with_target=False),
+               D.collate(llm, [records[3]], structured=True, with_target=False, no_video=True),
+               D.collate(llm, [records[1]], structured=True, with_target=False)]
+    prompts = [rollout.encode_videos(llm, p) for p in prompts]
+    assert len({p["input_ids"].shape[1] for p in prompts}) == 3 and "mm_encoder_outputs" not in prompts[1]
+    G, seeds = 3, [11, 12, 13]
+
+    def check(**sampling):
+        one = _one_at_a_time(llm, prompts, G, seeds, max_new_tokens=10, **sampling)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        many = rollout.sample_groups(llm, prompts, G, max_new_tokens=10, generators=gens, **sampling)
+        for prompt, (a, texts_a), (b, texts_b) in zip(prompts, one, many):
+            assert torch.equal(a, b) and texts_a == texts_b
+            mask = M.completion_mask(b, llm.eot_id)
+            batch = rollout.repeat_rows(prompt, G)
+            assert torch.equal(M.completion_logprobs(llm, batch, a, mask), M.completion_logprobs(llm, batch, b, mask))
+        return [c for c, _ in many]
+
+    free = check(top_p=0.95)
+    check(top_p=0.95, top_k=50)
+    greedy = check(do_sample=False)
+    assert len({int(c[0, 0]) for c in free}) > 1  # the prompts really differ
+    monkeypatch.setattr(M.VideoLLM, "eot_id", property(lambda self: int(free[0][0, 2])))
+    ended = check(top_p=0.95)  # row 0 of prompt 0 ends at its 3rd token; others go on
+    assert M.completion_mask(ended[0], llm.eot_id)[0].sum() == 3 and ended[0].shape[1] > 3
+    monkeypatch.setattr(M.VideoLLM, "eot_id", property(lambda self: int(greedy[1][0, 3])))
+    ended = check(do_sample=False)  # prompt 1's rows all end at their 4th token (or before): it leaves the batch
+    assert ended[1].shape[1] <= 4 and max(c.shape[1] for c in ended) == 10
 
 
 # -----------------------------------------------------------------------------
