@@ -134,7 +134,8 @@ def sample_groups(llm: M.VideoLLM, batches: list[dict], G: int, *, max_new_token
         done = torch.zeros(len(live) * G, dtype=torch.bool, device=llm.device)
         tokens = [[] for _ in batches]
         for t in range(max_new_tokens):
-            logits = logits.index_fill(1, banned, float("-inf")) if len(banned) else logits
+            if len(banned):  # in place: logits is this step's own tensor
+                logits.index_fill_(1, banned, float("-inf"))
             if not do_sample:
                 nxt = logits.argmax(dim=-1)  # (R,)
             else:
@@ -204,27 +205,34 @@ def filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int 
 
     Top-k keeps the ids whose logit is at least the k-th largest (ties with it stay, as in HF). Top-p drops, in
     ascending order, the ids whose cumulative probability is at most 1 − top_p, the most likely always kept. HF
-    sorts the whole vocabulary for it; here the nucleus is found among the candidates: the top-k ones, or without
-    top-k the largest m (all ties with the m-th included) once the mass outside them is below 1 − top_p, so every
-    id outside is dropped and the cut falls among the candidates, ordered as HF's ascending sort orders them. Two
-    things this arithmetic cannot decide alike, so the step falls back to HF's own full sort (`_top_p_sorted`): a
-    cumulative probability within rounding (1000 ulp) of 1 − top_p (the sums run in another order), and a cut
-    between equal logits (which of them HF drops depends on its sort's order among ties)."""
-    logits = logits / temperature  # TemperatureLogitsWarper
+    sorts the whole vocabulary for it; here the nucleus is found among the candidates: the top-k ones (one topk
+    of k + 1 over the vocabulary, `_among_top_k`, when no tie sits at the k-th), or the largest m (all ties with
+    the m-th included) once the mass outside them is below 1 − top_p, so every id outside is dropped and the cut
+    falls among the candidates, ordered as HF's ascending sort orders them. Two things this arithmetic cannot
+    decide alike, so the step falls back to HF's own full sort (`_top_p_sorted`): a cumulative probability within
+    rounding (1000 ulp) of 1 − top_p (the sums run in another order), and a cut between equal logits (which of
+    them HF drops depends on its sort's order among ties)."""
+    if temperature != 1.0:  # TemperatureLogitsWarper (x / 1.0 is x exactly: one pass over the vocabulary saved)
+        logits = logits / temperature
     V = logits.shape[1]
     top_k = min(top_k, V) if top_k > 0 else 0
-    if top_k:  # TopKLogitsWarper: below the k-th largest logit -> -inf
-        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
     if top_p >= 1.0 and not top_k:
         return None, logits
+    if 0 < top_k < V:
+        found = _among_top_k(logits, top_k, top_p)
+        if found is not None:
+            return found
+    if top_k:  # TopKLogitsWarper: below the k-th largest logit -> -inf
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
     m, cut = top_k or min(CANDIDATES, V), 1.0 - top_p
     tol = 1000 * torch.finfo(logits.dtype).eps
     probs = logits.softmax(dim=-1) if top_p < 1.0 else None  # (R, V)
     while m < V:
-        inside = (logits >= logits.topk(m).values[:, -1:]) & (logits > float("-inf"))  # (R, V), closed under ties
+        largest = logits.topk(m)
+        inside = (logits >= largest.values[:, -1:]) & (logits > float("-inf"))  # (R, V), closed under ties
         n = int(inside.sum(dim=1).max())
-        ids = logits.topk(n).indices.sort(dim=1).values  # (R, n) in id order; a row with fewer: its extras are out
-        vals = logits.gather(1, ids).masked_fill(~inside.gather(1, ids), float("-inf"))  # (R, n)
+        ids = (largest.indices if n == m else logits.topk(n).indices).sort(dim=1).values  # (R, n) in id order
+        vals = logits.gather(1, ids).masked_fill(~inside.gather(1, ids), float("-inf"))  # (R, n); a row's extras out
         if top_p >= 1.0:
             return ids, vals
         rest = probs.masked_fill(inside, 0.0).sum(dim=1, keepdim=True)  # (R, 1): the mass outside the candidates
@@ -233,14 +241,39 @@ def filtered(logits: torch.Tensor, temperature: float, top_p: float, top_k: int 
             continue
         order = vals.argsort(dim=1, stable=True)  # ascending, as HF's sort (the order among ties is settled below)
         ids, vals = ids.gather(1, order), vals.gather(1, order)
-        cum = rest + probs.gather(1, ids).masked_fill(vals == float("-inf"), 0.0).cumsum(dim=1)  # (R, n)
-        drop = cum <= cut
-        drop[:, -1] = False  # the most likely id always stays
-        tie_cut = (drop[:, 1:] != drop[:, :-1]) & (vals[:, 1:] == vals[:, :-1])
-        if bool(((cum - cut).abs() < tol).any() or tie_cut.any()):
+        kept = _nucleus(rest + probs.gather(1, ids).masked_fill(vals == float("-inf"), 0.0).cumsum(dim=1), vals, cut)
+        if kept is None:
             break  # undecidable here: HF's own computation below
-        return ids, vals.masked_fill(drop, float("-inf"))
+        return ids, kept
     return None, (_top_p_sorted(logits, top_p) if top_p < 1.0 else logits)
+
+
+def _among_top_k(logits: torch.Tensor, k: int, top_p: float):
+    """filtered's common case with top-k: one topk of k + 1 finds the k candidates, and with no tie at the k-th
+    (the (k+1)-th strictly below it) they are exactly TopKLogitsWarper's survivors; top-p then runs on k values,
+    the softmax over them being HF's over the top-k-masked vocabulary up to rounding (the −inf add exact zeros).
+    None where this cannot decide as HF does (a tie at the k-th, fewer than k finite logits, a cut within
+    rounding or between ties): filtered's general path takes over."""
+    vals, ids = logits.topk(k + 1)  # (R, k+1), descending
+    if not bool((vals[:, k] < vals[:, k - 1]).all()):
+        return None
+    vals, ids = vals[:, :k].flip(1), ids[:, :k].flip(1)  # the k candidates, ascending as HF's sort orders them
+    if top_p >= 1.0:
+        return ids, vals
+    kept = _nucleus(vals.softmax(dim=1).cumsum(dim=1), vals, 1.0 - top_p)
+    return None if kept is None else (ids, kept)
+
+
+def _nucleus(cum: torch.Tensor, vals: torch.Tensor, cut: float):
+    """TopPLogitsWarper's cut on ascending candidates: drop where the cumulative probability is at most 1 − top_p,
+    the last (most likely) always kept. None when the cut is within rounding (1000 ulp) of a cumulative value or
+    falls between equal logits: HF's full sort must decide those."""
+    drop = cum <= cut  # (R, n)
+    drop[:, -1] = False  # the most likely id always stays
+    tie_cut = (drop[:, 1:] != drop[:, :-1]) & (vals[:, 1:] == vals[:, :-1])
+    if bool(((cum - cut).abs() < 1000 * torch.finfo(cum.dtype).eps).any() or tie_cut.any()):
+        return None
+    return vals.masked_fill(drop, float("-inf"))
 
 
 def _top_p_sorted(logits: torch.Tensor, top_p: float) -> torch.Tensor:
