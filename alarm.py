@@ -22,6 +22,9 @@ This file needs only torch (and safetensors to save): copy it next to your own c
     alarm.save(directory)                          # later: alarm = add_alarm_tokens(model, tokenizer)
                                                    #        alarm.load_state(directory)
 
+Each head's decision threshold is fitted on held-out records (`fit_threshold`, by the training stages) and saved
+with the heads: `alarm.thresholds["v"]`, p(harmful) >= it means harmful. `auroc` is the threshold-free ranking score.
+
 The swap is a forward hook on the input-embedding module, so it works in training and in `generate` alike with
 no change to the model's own code.
 """
@@ -38,6 +41,8 @@ VISUAL_ALARM = "<|visual_alarm|>"
 TEXTUAL_ALARM = "<|textual_alarm|>"
 ALARM_FILE = "alarm.safetensors"
 LAMBDA_V = LAMBDA_T = 0.1  # λ1, λ2: weights of the video / text ATC losses (paper)
+DEFAULT_THRESHOLD = 0.5  # p >= 0.5 (logit >= 0): the cut of a BCE-trained head before any calibration
+HEADS = ("v", "t")  # the video head, the text head: the keys of SafetyAlarm.thresholds
 
 
 class SafetyAlarm(nn.Module):
@@ -53,6 +58,9 @@ class SafetyAlarm(nn.Module):
         self.vectors = nn.Parameter(torch.zeros(2, hidden_size))  # official init: zeros
         self.head_v = nn.Linear(hidden_size, 1)  # ATC head, video
         self.head_t = nn.Linear(hidden_size, 1)  # ATC head, text
+        # decision thresholds on p(harmful) per head and how each was set; saved in alarm.safetensors' metadata
+        self.thresholds = {h: DEFAULT_THRESHOLD for h in HEADS}
+        self.threshold_notes = {h: "default 0.5: never calibrated" for h in HEADS}
         self._hook = None
 
     # --- embedding swap, before the LLM runs -------------------------------
@@ -94,12 +102,25 @@ class SafetyAlarm(nn.Module):
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, ALARM_FILE), metadata={"hidden_size": str(self.vectors.shape[1])})
+        meta = {"hidden_size": str(self.vectors.shape[1])}
+        for h in HEADS:  # repr(float) reads back to the same float
+            meta[f"threshold_{h}"], meta[f"threshold_note_{h}"] = repr(float(self.thresholds[h])), self.threshold_notes[h]
+        save_file(state, os.path.join(directory, ALARM_FILE), metadata=meta)
 
     def load_state(self, directory: str) -> None:
+        """Vectors, heads and thresholds. A file saved before thresholds existed gives 0.5, and says so."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        self.load_state_dict(load_file(os.path.join(directory, ALARM_FILE)))
+        path = os.path.join(directory, ALARM_FILE)
+        self.load_state_dict(load_file(path))
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        for h in HEADS:
+            if f"threshold_{h}" in meta:
+                self.thresholds[h], self.threshold_notes[h] = float(meta[f"threshold_{h}"]), meta[f"threshold_note_{h}"]
+            else:
+                self.thresholds[h], self.threshold_notes[h] = DEFAULT_THRESHOLD, "default 0.5: saved before calibration"
 
 
 def add_alarm_tokens(model: nn.Module, tokenizer) -> SafetyAlarm:
@@ -128,3 +149,75 @@ def at_sft_loss(lm_loss, logit_v, logit_t, video_label, text_label, lambda_v: fl
     bce_t = F.binary_cross_entropy_with_logits(logit_t.float(), text_label.float())  # L_ATC^t
     loss = lm_loss + lambda_v * bce_v + lambda_t * bce_t
     return loss, {"lm": lm_loss.detach(), "atc_v": bce_v.detach(), "atc_t": bce_t.detach()}
+
+
+# -----------------------------------------------------------------------------
+# Calibration: the ranking score and the decision threshold of a head, from held-out (label, p) pairs
+
+
+def auroc(labels, scores) -> float | None:
+    """Area under the ROC curve by the Mann-Whitney U statistic, tied scores sharing their mean rank:
+    AUROC = (R_pos − n_pos(n_pos + 1)/2) / (n_pos·n_neg), R_pos = the sum of the positives' 1-based ranks.
+    None when the labels hold one class only."""
+    y, s = [int(v) for v in labels], [float(x) for x in scores]
+    n_pos = sum(y)
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = sorted(range(len(s)), key=s.__getitem__)
+    rank, i = [0.0] * len(s), 0
+    while i < len(order):  # a run of equal scores gets the mean of the ranks it spans
+        j = i
+        while j + 1 < len(order) and s[order[j + 1]] == s[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            rank[k] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = sum(r for r, v in zip(rank, y) if v)
+    return (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def fit_threshold(labels, scores) -> tuple[float, str]:
+    """The decision threshold on p(harmful) (harmful iff p >= threshold) that maximises balanced accuracy
+    (TPR + TNR)/2 on held-out (label, p) pairs; returns (threshold, a note saying how it was set).
+
+    Why balanced accuracy: it does not depend on how many harmful records the split happens to hold (plain
+    accuracy on a small, skewed split drifts toward calling everything the majority class).
+    Candidates: every threshold in the same gap between two neighbouring distinct scores classifies the split the
+    same way, so each gap is represented by its midpoint. Several gaps equally good: the one whose midpoint is
+    nearest 0.5 (the heads' trained cut), then the lower. Balanced accuracies are compared exactly as integers,
+    2·n_pos·n_neg·BA = TP·n_neg + TN·n_pos.
+    Falls back to 0.5, with the reason in the note: no records; one class only; all scores equal; or no gap beating
+    BA 0.5 (the head does not separate the classes, so no threshold can be trusted).
+    """
+    y, s = [int(v) for v in labels], [float(x) for x in scores]
+    n_pos = sum(y)
+    n_neg = len(y) - n_pos
+    if not y:
+        return DEFAULT_THRESHOLD, "default 0.5: no held-out records"
+    if n_pos == 0 or n_neg == 0:
+        kind = "harmful" if n_neg == 0 else "safe"
+        return DEFAULT_THRESHOLD, f"default 0.5: all {len(y)} held-out records are {kind}, nothing to separate"
+    pairs = sorted(zip(s, y))
+    best = None  # (key to minimise, threshold, 2·n_pos·n_neg·BA)
+    pos_below = neg_below = i = 0  # records strictly below the current gap, by label
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:  # one distinct score and all its records
+            pos_below += pairs[j][1]
+            neg_below += 1 - pairs[j][1]
+            j += 1
+        if j == len(pairs):
+            break
+        thr = (pairs[i][0] + pairs[j][0]) / 2  # the gap between this score and the next one
+        score = (n_pos - pos_below) * n_neg + neg_below * n_pos  # TP·n_neg + TN·n_pos
+        key = (-score, abs(thr - DEFAULT_THRESHOLD), thr)
+        if best is None or key < best[0]:
+            best = (key, thr, score)
+        i = j
+    if best is None:
+        return DEFAULT_THRESHOLD, f"default 0.5: all {len(y)} held-out scores are equal"
+    if best[2] * 2 <= 2 * n_pos * n_neg:  # BA <= 0.5
+        return DEFAULT_THRESHOLD, f"default 0.5: no threshold beats balanced accuracy 0.5 on {len(y)} held-out records"
+    ba = best[2] / (2 * n_pos * n_neg)
+    return best[1], f"fitted on {len(y)} held-out records ({n_pos} harmful): balanced accuracy {ba:.4f}"

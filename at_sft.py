@@ -59,10 +59,7 @@ def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
                    f"a built-in tiny model ({', '.join(demo.TINY_MODELS)})")
     g.add_argument("--data", default=None, help=f"training JSONL (default: the demo's {stage} split, generated if "
                    "absent)")
-    g.add_argument("--eval-data", default=None, help="held-out JSONL for the end-of-run check (default: the demo's "
-                   "eval split)")
-    g.add_argument("--eval-records", type=cli.nonneg_int, default=60, help="held-out records for the end-of-run check "
-                   "(0 = skip)")
+    cli.add_heldout_flags(g)
     g.add_argument("--out", default=f"runs/demo/{stage}", help="output checkpoint directory (+ metrics.jsonl)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=cli.positive_float, default=1.0, help="passes over the data (paper: 1)")
@@ -93,7 +90,7 @@ def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
     args.data = args.data or demo.demo_split(stage)
-    args.eval_data = args.eval_data or demo.demo_split("eval")
+    args.eval_data = args.eval_data or (demo.demo_split("eval") if args.eval_records else None)
     return args
 
 
@@ -191,43 +188,32 @@ def _stand_in(llm: M.VideoLLM, record, structured: bool) -> None:
 
 
 @torch.no_grad()
-def heldout_check(llm: M.VideoLLM, records: list, args, *, structured: bool, n_generate: int = 0) -> dict:
-    """ATC accuracy on held-out records (when the model has heads) and, for structured prompts, the format
-    rate of greedy answers on the first `n_generate` of them.
+def heldout_check(llm: M.VideoLLM, records: list, args, *, stage: str, structured: bool, n_generate: int = 0) -> dict:
+    """On held-out records: fit the ATC heads' thresholds (training.calibrate_atc: set on llm.alarm, saved with the
+    heads; accuracy at 0.5 and at the fitted threshold, AUROC) when the model has heads, and, for structured
+    prompts, the format rate of greedy answers on the first `n_generate` of them. No records: the thresholds
+    fall back to 0.5 and say why.
 
     Under torchrun every rank takes every world-th batch with the whole model gathered (distributed.unsharded: greedy
     answers end at different lengths on different ranks), and the counts are summed over ranks."""
     rank, world = distributed.rank(), distributed.world_size()
-    llm.model.eval()
-    result, hits_v, hits_t = {"heldout_n": len(records)}, 0, 0
-    bs = args.batch_size
-    with distributed.unsharded(llm):
-        for i in range(rank * bs, len(records), bs * world):
-            chunk = records[i:i + bs]
-            batch = D.collate(llm, chunk, structured=structured, with_target=False, fps=args.fps,
-                              max_frames=args.max_frames)
-            out = llm.forward(batch, need_lm=False)
-            if out["logit_v"] is not None:
-                hits_v += int(((out["logit_v"] > 0).float() == batch["video_label"]).sum())
-                hits_t += int(((out["logit_t"] > 0).float() == batch["text_label"]).sum())
+    result, bs = {"heldout_n": len(records)}, args.batch_size
+    if llm.alarm is not None:
+        result.update(T.calibrate_atc(llm, records, stage=stage, structured=structured, batch_size=bs, fps=args.fps,
+                                      max_frames=args.max_frames))
+    if structured and n_generate:
+        from rewards import format_reward
+
         texts = []
-        if structured and n_generate:
+        with distributed.unsharded(llm):
             for i in range(rank * bs, n_generate, bs * world):
                 new = getattr(args, "max_new_tokens", 256)
                 batch = D.collate(llm, records[i:min(i + bs, n_generate)], structured=True, with_target=False,
                                   fps=args.fps, max_frames=args.max_frames, max_new_tokens=new)
                 texts += M.generate(llm, batch, max_new_tokens=new)[1]
-    if llm.alarm is not None:
-        hits_v, hits_t = distributed.all_reduce_sum([hits_v, hits_t])
-        result.update(heldout_atc_v_acc=round(hits_v / len(records), 4),
-                      heldout_atc_t_acc=round(hits_t / len(records), 4))
-    if structured and n_generate:
-        from rewards import format_reward
-
         n_format, n_texts = distributed.all_reduce_sum([sum(map(format_reward, texts)), len(texts)])
         result["heldout_format_rate"] = round(n_format / n_texts, 4)
         result["heldout_example"] = texts[0][:300] if texts else ""  # rank 0 holds the first answer
-    llm.model.train()
     return result
 
 
@@ -276,8 +262,7 @@ def main(argv=None) -> dict:
                        train_alarm=True, train_heads=True, **common)
 
     summary = {"stage": "at_sft", "step": steps}
-    if heldout:
-        summary.update(heldout_check(llm, heldout, args, structured=False))
+    summary.update(heldout_check(llm, heldout, args, stage="at_sft", structured=False))  # thresholds fitted here
     return T.finish(llm, args.out, vars(args), log, skipped, summary)
 
 

@@ -3,7 +3,7 @@
 - `parser(doc)`: one argument-block style for all: the file's docstring opens --help, each flag's default is
   shown beside its help, and flags are grouped under headers;
 - the flags several entry points have, added in one place (`add_video_flags`, `add_run_flags`,
-  `add_snapshot_flags`), their defaults taken from the module that owns the setting;
+  `add_snapshot_flags`, `add_heldout_flags`), their defaults taken from the module that owns the setting;
 - checked number types for every numeric flag (`positive_int`, `probability`, ...): a bad value is an argparse
   error (exit 2) when the arguments are parsed, before any data or model is read;
 - `run_cli(main)`: bad input or a stopped run ends with one clear line and a non-zero exit, not a traceback
@@ -72,6 +72,15 @@ def add_video_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fps", type=positive_float, default=D.FPS, help="frames sampled per second of video (paper: 1)")
     g.add_argument("--max-frames", type=positive_int, default=D.MAX_FRAMES, help="at most this many frames per video "
                    "(paper: 90)")
+
+
+def add_heldout_flags(g) -> None:
+    """--eval-data / --eval-records of the training stages (in their "model and data" group): the held-out records
+    on which each stage fits the ATC heads' thresholds at the end of the run (training.calibrate_atc)."""
+    g.add_argument("--eval-data", default=None, help="held-out JSONL for the end-of-run check and the ATC heads' "
+                   "threshold fit (default: the demo's eval split)")
+    g.add_argument("--eval-records", type=nonneg_int, default=60, help="held-out records for the end-of-run check "
+                   "(0 = skip; the thresholds are then 0.5)")
 
 
 def add_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:

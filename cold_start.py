@@ -10,6 +10,8 @@ This stage is AT-SFT's loop (at_sft.train_sft) with three differences, and nothi
   2. loss: L = L_base only (no ATC loss);
   3. trainable: the LLM only. The alarm tokens stay in every prompt, their vectors and the ATC heads are
      frozen (as are the vision encoder and projector).
+The heads' decision thresholds are refitted on the held-out split at the end (training.calibrate_atc): the heads
+are frozen copies, but the LLM under them moved, so AT-SFT's cut no longer fits while their ranking still does.
 
 Run:
     python cold_start.py --model runs/demo/at_sft                 # after at_sft.py, on the demo data
@@ -35,8 +37,9 @@ def main(argv=None) -> dict:
                       train_alarm=False, train_heads=False, log=log, skipped=skipped, resume=resume)
 
     summary = {"stage": "cold_start", "step": steps}
-    if heldout:  # do greedy answers pass the format check on held-out prompts?
-        summary.update(heldout_check(llm, heldout, args, structured=True, n_generate=min(len(heldout), 16)))
+    # the frozen heads read a moved LLM: refit their thresholds; do greedy answers pass the format check?
+    summary.update(heldout_check(llm, heldout, args, stage="cold_start", structured=True,
+                                 n_generate=min(len(heldout), 16)))
     return T.finish(llm, args.out, vars(args), log, skipped, summary)
 
 

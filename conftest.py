@@ -126,7 +126,7 @@ SFT = ["--batch-size", "3", "--grad-accum", "1", "--lr-llm", "3e-3", "--lr-alarm
 # AdamW still move every weight, so a resume that differed in any way would show). One thread per process: the
 # tiny model's matrices are too small for more to help, and on a busy machine they cost more than half the time.
 GRPO = ["--model", "tiny-videollama3", "--group-size", "2", "--batch-size", "2", "--max-completion-length", "6",
-        "--lr", "1e-3", "--device", "cpu"]
+        "--lr", "1e-3", "--device", "cpu", "--eval-records", "0"]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

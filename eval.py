@@ -47,11 +47,11 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 import benchmarks
+from alarm import auroc  # the ATC heads' ranking score, shared with the stages' calibration and guard.py
 import cli
 import demo
 import judges
@@ -125,19 +125,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # Metrics: pure functions over prediction dicts (as in predictions.jsonl) and their records.
-
-
-def auroc(labels, scores) -> float | None:
-    """Area under the ROC curve by the Mann-Whitney U statistic, tied scores sharing their mean rank.
-    AUROC = (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg), R_pos = sum of the positives' ranks. None if one class."""
-    y, s = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    mean_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based rank of each distinct score, ties averaged
-    r_pos = mean_rank[inverse][y].sum()
-    return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def mean(xs) -> float | None:

@@ -11,7 +11,8 @@ scores them; the group's rewards become advantages; a clipped surrogate with a K
     L      = −1/G Σ_i 1/|o_i| Σ_t [ min(ρ_i,t·A_i, clip(ρ_i,t, 1−ε, 1+ε)·A_i) − β·KL_i,t ]
 
 Starts from the cold-start checkpoint; a frozen copy of it is π_ref. Trains the LLM only: the alarm vectors,
-ATC heads, vision encoder and projector stay frozen. With --passes 1 (the paper's setting) π_old = π_θ at
+ATC heads, vision encoder and projector stay frozen. At the end the heads' thresholds are refitted on the held-out
+records (--eval-data, training.calibrate_atc; prompt forwards only, no generation): the LLM under them moved. With --passes 1 (the paper's setting) π_old = π_θ at
 the update, so ρ = 1, the surrogate's value is mean(A) = 0 and the reported loss is ≈ β·KL: near zero
 by design, not a bug (the gradient is still the policy gradient). --passes k reuses each rollout batch
 for k optimizer steps; then ρ moves away from 1 and the clip matters.
@@ -78,6 +79,7 @@ def parse_args(argv=None):
                    "runs/demo/cold_start); also the frozen KL reference")
     g.add_argument("--data", default=None, help="GRPO JSONL with structured targets and labels (default: the demo's "
                    "grpo split, generated if absent)")
+    cli.add_heldout_flags(g)
     g.add_argument("--out", default="runs/demo/grpo", help="output checkpoint directory (+ metrics.jsonl)")
     g = p.add_argument_group("rollout")
     g.add_argument("--batch-size", type=cli.positive_int, default=8, help="prompts per step, all processes together (authors: "
@@ -124,6 +126,7 @@ def parse_args(argv=None):
         p.error(f"--alpha-min {args.alpha_min} is above --alpha-max {args.alpha_max}: DRA raises the ROUGE weight "
                 "when a label is wrong")
     args.data = args.data or demo.demo_split("grpo")
+    args.eval_data = args.eval_data or (demo.demo_split("eval") if args.eval_records else None)
     return args
 
 
@@ -316,6 +319,7 @@ def main(argv=None) -> dict:
     skipped: dict = {}
     records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped,
                              structured=True)  # bad data fails fast; the reward reads structured targets
+    heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []  # threshold fit
     resume = T.find_resume(args.out) if args.resume else None
     if resume:
         skipped.update(resume["skipped"])  # those seen before the snapshot
@@ -378,6 +382,9 @@ def main(argv=None) -> dict:
                         t=f"{row['s_rollout']:.1f}+{row['s_update']:.1f}s")
 
     summary = {"stage": "grpo", "steps": steps, "note": ONE_PASS_NOTE if args.passes == 1 else ""}
+    if policy.alarm is not None:  # the frozen heads read a moved LLM: refit their thresholds on held-out prompts
+        summary.update(heldout_n=len(heldout), **T.calibrate_atc(policy, heldout, stage="grpo", structured=True,
+                       batch_size=args.batch_size, fps=args.fps, max_frames=args.max_frames))
     return T.finish(policy, args.out, vars(args), log, skipped, summary)  # logs it (skipped records by name), saves OUT
 
 

@@ -78,7 +78,8 @@ stage at_sft $PY at_sft.py --model "$BASE_MODEL" --data "$AT_SFT_DATA" --eval-da
   --out "$OUT/at_sft" --seed "$SEED" $AT_SFT_BUDGET ${AT_SFT_ARGS:-}
 stage cold_start $PY cold_start.py --model "$OUT/at_sft" --data "$COLD_START_DATA" --eval-data "$EVAL_DATA" \
   --out "$OUT/cold_start" --seed "$SEED" $COLD_START_BUDGET ${COLD_START_ARGS:-}
-stage grpo $PY grpo.py --model "$OUT/cold_start" --data "$GRPO_DATA" --out "$OUT/grpo" --seed "$SEED" $GRPO_BUDGET ${GRPO_ARGS:-}
+stage grpo $PY grpo.py --model "$OUT/cold_start" --data "$GRPO_DATA" --eval-data "$EVAL_DATA" --out "$OUT/grpo" \
+  --seed "$SEED" $GRPO_BUDGET ${GRPO_ARGS:-}
 
 # Evaluate the base model (as it is, no alarm tokens) and every stage's checkpoint on the same split.
 stage eval_base $PY eval.py --model "$BASE_MODEL" --data "$EVAL_DATA" --out "$OUT/eval/base" $EVAL_BUDGET ${EVAL_ARGS:-}

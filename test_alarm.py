@@ -5,11 +5,16 @@ grown for the two tokens.
 Positions are located here independently (conftest.py's plain scans over the token ids), never with
 SafetyAlarm.positions."""
 
+import itertools
+import random
+
+import pytest
 import torch
 
 import data
 import model
-from alarm import TEXTUAL_ALARM, VISUAL_ALARM, add_alarm_tokens, at_sft_loss
+from alarm import (ALARM_FILE, TEXTUAL_ALARM, VISUAL_ALARM, SafetyAlarm, add_alarm_tokens, at_sft_loss, auroc,
+                   fit_threshold)
 from conftest import hand_bce, hand_positions, ids_of, last_index, model_inputs, real_tokens
 
 QWEN_FAMILIES = ("tiny-qwen2.5-vl", "tiny-qwen3-vl")
@@ -166,3 +171,78 @@ def test_add_alarm_tokens_grows_a_full_table(tiny_name, mixed_records):
     with torch.no_grad():
         res = llm.forward(batch)
     assert torch.isfinite(res["lm_loss"]) and res["logit_v"].shape == (len(mixed_records),)
+
+
+# -----------------------------------------------------------------------------
+# calibration: AUROC and the fitted threshold, against hand computations; the threshold saved with the heads
+
+
+def test_auroc_by_hand():
+    # positives 0.9, 0.3, 0.5 vs negatives 0.9, 0.1. Pairs won: (0.9 vs 0.9) tie = 0.5, 0.9 > 0.1 = 1,
+    # 0.3 < 0.9 = 0, 0.3 > 0.1 = 1, 0.5 < 0.9 = 0, 0.5 > 0.1 = 1  ->  3.5 / 6
+    assert auroc([1, 0, 1, 0, 1], [0.9, 0.9, 0.3, 0.1, 0.5]) == pytest.approx(3.5 / 6)
+    assert auroc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
+    assert auroc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0
+    assert auroc([1, 0], [0.5, 0.5]) == 0.5
+    assert auroc([1, 1], [0.3, 0.7]) is None  # one class: undefined
+
+
+def test_auroc_matches_pairwise_count():
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(2, 40)
+        y = [rng.randint(0, 1) for _ in range(n)]
+        s = [rng.choice([0.1, 0.2, 0.5, 0.7, rng.random()]) for _ in range(n)]  # many ties
+        pos = [b for a, b in zip(y, s) if a]
+        neg = [b for a, b in zip(y, s) if not a]
+        if not pos or not neg:
+            continue
+        wins = sum((p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg))
+        assert auroc(y, s) == pytest.approx(wins / (len(pos) * len(neg)))
+
+
+def test_fit_threshold_by_hand():
+    # sorted: .1 (safe) .35 (harmful) .4 (safe) .8 (harmful); gaps' midpoints .225, .375, .6:
+    #   .225: harmful {.35,.4,.8}: TPR 2/2, TNR 1/2 -> BA .75;  .375: {.4,.8}: TPR 1/2, TNR 1/2 -> .5;
+    #   .6: {.8}: TPR 1/2, TNR 2/2 -> .75.  Tie .225 / .6: the one nearer 0.5 is .6
+    thr, note = fit_threshold([0, 1, 0, 1], [0.1, 0.35, 0.4, 0.8])
+    assert thr == pytest.approx(0.6) and "balanced accuracy 0.7500" in note
+    assert fit_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])[0] == pytest.approx(0.45)  # separable: the gap's middle
+    # tied scores across labels: .3 holds one of each; gaps .2 (BA (2/2 + 1/3)/2 = 2/3) and .5 (BA (1/2 + 3/3)/2 = 3/4)
+    assert fit_threshold([0, 0, 1, 1, 0], [0.1, 0.3, 0.3, 0.7, 0.3])[0] == pytest.approx(0.5)
+    # a skewed split (4 harmful, 1 safe): gaps .25 / .5 / .75 / .85 give BA .375 / .875 / .75 / .625
+    assert fit_threshold([1, 1, 1, 0, 1], [0.9, 0.8, 0.7, 0.3, 0.2])[0] == pytest.approx(0.5)
+    for labels, scores, why in (([1, 1], [0.2, 0.9], "all 2 held-out records are harmful"),
+                                ([0], [0.7], "all 1 held-out records are safe"), ([], [], "no held-out records"),
+                                ([0, 1], [0.4, 0.4], "scores are equal"),
+                                ([1, 1, 0, 0], [0.1, 0.2, 0.7, 0.9], "no threshold beats")):  # ranks reversed
+        thr, note = fit_threshold(labels, scores)
+        assert thr == 0.5 and note.startswith("default 0.5") and why in note, note
+
+
+def test_fitted_threshold_is_optimal_against_brute_force():
+    rng = random.Random(1)
+    for _ in range(30):
+        n = rng.randint(2, 30)
+        y = [rng.randint(0, 1) for _ in range(n)]
+        s = [rng.choice([0.2, 0.5, 0.6, rng.random()]) for _ in range(n)]
+        if len(set(y)) < 2 or len(set(s)) < 2:
+            continue
+        ba = lambda t: (sum(p >= t for p, v in zip(s, y) if v) / sum(y) + sum(p < t for p, v in zip(s, y) if not v)
+                        / (n - sum(y))) / 2
+        best = max(ba(t) for t in [x + 1e-9 for x in s])  # every distinct way to cut the split
+        thr, _ = fit_threshold(y, s)
+        assert thr == 0.5 if best <= 0.5 else ba(thr) == pytest.approx(best)
+
+
+def test_thresholds_round_trip_through_save_and_load(tmp_path):
+    a = SafetyAlarm(8, 5, 6)
+    a.thresholds, a.threshold_notes = {"v": 0.1 + 0.2, "t": 0.73}, {"v": "cold_start: fitted", "t": "cold_start: x"}
+    a.save(str(tmp_path))
+    b = SafetyAlarm(8, 5, 6)
+    b.load_state(str(tmp_path))
+    assert b.thresholds == {"v": 0.1 + 0.2, "t": 0.73} and b.threshold_notes == a.threshold_notes  # exact floats
+    from safetensors.torch import save_file  # a file written before thresholds existed: 0.5, and it says so
+    save_file({k: v.contiguous() for k, v in a.state_dict().items()}, str(tmp_path / ALARM_FILE))
+    b.load_state(str(tmp_path))
+    assert b.thresholds == {"v": 0.5, "t": 0.5} and "before calibration" in b.threshold_notes["t"]

@@ -36,6 +36,9 @@ def test_at_sft_learns_and_checkpoint_reloads(demo_dir, tmp_path):
     llm = M.load_model(out, device="cpu", dtype=torch.float32)
     assert llm.alarm is not None and llm.meta["stage"] == "at_sft" and llm.meta["step"] == 6
     assert llm.alarm.vectors.abs().sum() > 0  # trained away from the zero init, and saved
+    # the thresholds fitted on the 3 held-out records travel with the heads
+    assert llm.alarm.thresholds == {"v": summary["threshold_v"], "t": summary["threshold_t"]}
+    assert llm.alarm.threshold_notes["v"].startswith("at_sft: ") and "heldout_atc_t_acc_fit" in summary
     base = M.load_model("tiny-videollama3", device="cpu", dtype=torch.float32)
     moved = [n for n, p in llm.model.named_parameters() if not torch.equal(p, dict(base.model.named_parameters())[n])]
     assert moved and all(M._is_llm(n) for n in moved)  # the LLM moved; vision encoder and projector did not

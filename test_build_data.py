@@ -429,10 +429,14 @@ def test_end_to_end_build_then_every_stage(clips, tiny_dinov2, api_key, tmp_path
                           "--out", str(tmp_path / "cold_start"), *sft])
     s3 = grpo.main(["--model", str(tmp_path / "cold_start"), "--data", str(data / "grpo.jsonl"), "--out",
                     str(tmp_path / "grpo"), "--batch-size", "2", "--group-size", "2", "--max-completion-length", "6",
-                    "--max-steps", "1", "--device", "cpu"])
+                    "--max-steps", "1", "--device", "cpu", "--eval-data", str(data / "eval.jsonl"), "--eval-records", "2"])
     assert (s1["stage"], s1["step"], s2["stage"], s2["step"], s3["stage"], s3["steps"]) == (
         "at_sft", 1, "cold_start", 1, "grpo", 1)
     assert "heldout_atc_v_acc" in s1 and "heldout_format_rate" in s2
+    for s in (s1, s2, s3):  # every stage fits the heads' thresholds on its held-out split, and they travel
+        assert {"threshold_v", "threshold_t", "heldout_atc_v_acc_fit", "heldout_atc_t_auroc"} <= set(s), s["stage"]
+    saved = M.load_model(str(tmp_path / "grpo"), device="cpu").alarm
+    assert (saved.thresholds, saved.threshold_notes["v"][:5]) == ({"v": s3["threshold_v"], "t": s3["threshold_t"]}, "grpo:")
     ev.main(["--model", str(tmp_path / "grpo"), "--data", str(data / "eval.jsonl"), "--out", str(tmp_path / "eval"),
              "--max-new-tokens", "4", "--device", "cpu"])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

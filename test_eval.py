@@ -2,11 +2,9 @@
 runs of the tiny model with and without alarm tokens, with the rule and the API judge. (The judges themselves are
 tested in test_judges.py.)"""
 
-import itertools
 import json
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -15,34 +13,6 @@ import eval as ev
 import judges
 from conftest import FakeAPI, run_script, structured
 from data import Record, load_records
-
-# -----------------------------------------------------------------------------
-# AUROC
-
-
-def test_auroc_by_hand():
-    # positives 0.9, 0.3, 0.5 vs negatives 0.9, 0.1. Pairs won: (0.9 vs 0.9) tie = 0.5, 0.9 > 0.1 = 1,
-    # 0.3 < 0.9 = 0, 0.3 > 0.1 = 1, 0.5 < 0.9 = 0, 0.5 > 0.1 = 1  ->  3.5 / 6
-    assert ev.auroc([1, 0, 1, 0, 1], [0.9, 0.9, 0.3, 0.1, 0.5]) == pytest.approx(3.5 / 6)
-    assert ev.auroc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
-    assert ev.auroc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0
-    assert ev.auroc([1, 0], [0.5, 0.5]) == 0.5
-    assert ev.auroc([1, 1], [0.3, 0.7]) is None  # one class: undefined
-
-
-def test_auroc_matches_pairwise_count():
-    rng = random.Random(0)
-    for _ in range(20):
-        n = rng.randint(2, 40)
-        y = [rng.randint(0, 1) for _ in range(n)]
-        s = [rng.choice([0.1, 0.2, 0.5, 0.7, rng.random()]) for _ in range(n)]  # many ties
-        pos = [b for a, b in zip(y, s) if a]
-        neg = [b for a, b in zip(y, s) if not a]
-        if not pos or not neg:
-            continue
-        wins = sum((p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg))
-        assert ev.auroc(y, s) == pytest.approx(wins / (len(pos) * len(neg)))
-
 
 # -----------------------------------------------------------------------------
 # Metrics on hand-made predictions

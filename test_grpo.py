@@ -97,7 +97,7 @@ def test_cli_runs_logs_and_saves(demo_full, tmp_path):
     out = str(tmp_path / "grpo")
     grpo.main(["--model", "tiny-qwen2.5-vl", "--data", os.path.join(demo_full, "grpo.jsonl"), "--out", out,
                "--group-size", "2", "--batch-size", "1", "--max-completion-length", "8", "--max-steps", "2",
-               "--passes", "2", "--lr", "1e-3", "--device", "cpu"])
+               "--passes", "2", "--lr", "1e-3", "--device", "cpu", "--eval-records", "0"])
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in rows if "step" in r]
     assert "config" in rows[0] and len(steps) == 2 and "summary" in rows[-1]
@@ -120,7 +120,7 @@ def test_grpo_runs_on_image_prompts(image_files, tmp_path):
     out = str(tmp_path / "grpo")
     summary = grpo.main(["--model", "tiny-qwen3-vl", "--data", str(data), "--out", out, "--group-size", "2",
                          "--batch-size", "2", "--max-completion-length", "4", "--max-steps", "1", "--lr", "1e-3",
-                         "--device", "cpu"])
+                         "--device", "cpu", "--eval-records", "0"])
     step = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1]
     assert summary["steps"] == 1 and 0 < step["completion_len"] <= 4 and math.isfinite(step["grad_norm"])
     assert math.isfinite(step["reward"]) and "skipped_records" not in summary
@@ -162,7 +162,7 @@ def test_grpo_learns_on_demo(demo_full, tmp_path):
     out = str(tmp_path / "grpo")
     grpo.main(["--model", start, "--data", os.path.join(demo_full, "grpo.jsonl"), "--out", out, "--seed", "0",
                "--group-size", "4", "--batch-size", "8", "--max-completion-length", "96", "--lr", "2e-4",
-               "--passes", "2", "--epochs", "5", "--max-steps", "60", "--device", "cpu"])
+               "--passes", "2", "--epochs", "5", "--max-steps", "60", "--device", "cpu", "--eval-records", "0"])
     steps = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "step" in r]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
     first, last = mean(steps[:10], "reward"), mean(steps[-10:], "reward")  # 320 completions each

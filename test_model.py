@@ -380,3 +380,56 @@ def test_chat_template_serves_the_project_prompt(tiny_name, text_record, tmp_pat
     llm2 = model.load_model(out, device="cpu", dtype=torch.float32)
     assert torch.equal(data.collate(llm2, [text_record], structured=structured, with_target=False)["input_ids"],
                        batch["input_ids"])
+
+
+def _tied_copy(name: str, path: str) -> str:
+    """The tiny model of `name` rebuilt with tie_word_embeddings=True (LM head = input embedding), fixed seed."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    src = demo.tiny_model_path(name)
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.tie_word_embeddings = cfg.get_text_config().tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(cfg).save_pretrained(path)
+    AutoProcessor.from_pretrained(src).save_pretrained(path)
+    return path
+
+
+def test_tied_embeddings_never_generate_alarm_or_placeholder_tokens(tiny_name, mixed_records, tmp_path):
+    """With tied embeddings the alarm vectors written into the embedding rows are the LM head's rows of those tokens
+    too. Plain transformers' greedy generate (generation_config.suppress_tokens) gives them, and the video / image
+    placeholders, a score of -inf at every step and decodes the project's tokens; save -> load keeps the tie and
+    gives the same LM loss and ATC logits."""
+    from transformers import AutoModelForImageTextToText
+
+    llm = model.load_model(_tied_copy(tiny_name, str(tmp_path / "tied")), device="cpu", dtype=torch.float32)
+    assert llm.model.lm_head.weight is llm.model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # large vectors: were they not suppressed, their logits would matter
+        llm.alarm.vectors.copy_(5 * torch.randn(llm.alarm.vectors.shape, generator=g))
+    out = str(tmp_path / "ckpt")
+    model.save_checkpoint(llm, out, meta={"stage": "grpo"})
+    rows = [llm.alarm.visual_id, llm.alarm.textual_id]
+    assert torch.equal(llm.model.lm_head.weight[rows], llm.alarm.vectors)  # the tie: the head's rows are the vectors
+
+    batch = data.collate(llm, mixed_records[1:], structured=True, with_target=False)
+    completion, _ = model.generate(llm, batch, max_new_tokens=6)
+    plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert plain.lm_head.weight is plain.get_input_embeddings().weight
+    inputs = {k: batch[k] for k in batch["model_keys"]}
+    with torch.no_grad():
+        gen = plain.generate(**inputs, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+    banned = model.banned_ids(llm)
+    assert set(banned) >= set(rows) | {plain.config.video_token_id, plain.config.image_token_id}
+    assert all(bool(torch.isinf(s[:, banned]).all()) and bool((s[:, banned] < 0).all()) for s in gen.scores)
+    eot = llm.eot_id
+    ids = gen.sequences[:, inputs["input_ids"].shape[1]:]
+    assert model.completion_tokens(ids, eot) == model.completion_tokens(completion, eot)
+
+    sft = data.collate(llm, mixed_records, structured=False, with_target=True)
+    llm2 = model.load_model(out, device="cpu", dtype=torch.float32)
+    assert llm2.model.lm_head.weight is llm2.model.get_input_embeddings().weight
+    with torch.no_grad():
+        r1, r2 = llm.forward(sft), llm2.forward(sft)
+    for k in ("lm_loss", "logit_v", "logit_t"):
+        assert torch.equal(r1[k], r2[k]), k

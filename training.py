@@ -5,6 +5,8 @@
 - resumable snapshots in OUT/resume (weights, optimizer, scheduler, RNG, loop state; atomic renames) and
   `find_resume` for --resume;
 - `take_out`: the output folder checked and locked before the model loads (outdir.py);
+- `calibrate_atc`: each ATC head's decision threshold fitted on the held-out records (alarm.fit_threshold) and
+  set on the alarm, so the checkpoint saves it with the heads;
 - the JSONL log OUT/metrics.jsonl (its first row the run's config; continued, not repeated, on resume), the
   rank-0 print, the stop on a non-finite loss, and `finish`: log the summary, save the final checkpoint (with the
   config in its metadata), release the output folder.
@@ -24,6 +26,8 @@ import shutil
 import numpy as np
 import torch
 
+import alarm as A
+import data as D
 import distributed
 import model as M
 import outdir
@@ -167,6 +171,56 @@ def load_train_state(directory: str, optimizer, scheduler, llm: M.VideoLLM | Non
     if ckpt["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
     return ckpt["state"]
+
+
+# -----------------------------------------------------------------------------
+# Calibration of the ATC heads on held-out records
+
+
+@torch.no_grad()
+def atc_probabilities(llm: M.VideoLLM, records: list, *, structured: bool, batch_size: int, fps: float = D.FPS,
+                      max_frames: int = D.MAX_FRAMES) -> dict:
+    """p(harmful) of both ATC heads on every record (one prompt forward per batch, no generation), with the labels:
+    {"v": (labels, probs), "t": (labels, probs)}, lists in `records` order.
+
+    Under torchrun each rank runs every world-th batch with the whole model gathered, and the probabilities are
+    summed over ranks into full-length lists (each rank fills only its rows), so every rank gets all of them."""
+    rank, world, n = distributed.rank(), distributed.world_size(), len(records)
+    probs = [0.0] * (2 * n)  # video head's then text head's, this rank's rows filled
+    with distributed.unsharded(llm), M.eval_mode(llm):
+        for i in range(rank * batch_size, n, batch_size * world):
+            batch = D.collate(llm, records[i:i + batch_size], structured=structured, with_target=False, fps=fps,
+                              max_frames=max_frames)
+            out = llm.forward(batch, need_lm=False)
+            for k, key in enumerate(("logit_v", "logit_t")):
+                p = torch.sigmoid(out[key].float()).tolist()  # (B,) p(harmful) = σ(logit)
+                probs[k * n + i:k * n + i + len(p)] = p
+    probs = distributed.all_reduce_sum(probs)
+    return {"v": ([r.video_label for r in records], probs[:n]), "t": ([r.text_label for r in records], probs[n:])}
+
+
+def calibrate_atc(llm: M.VideoLLM, records: list, *, stage: str, structured: bool, batch_size: int,
+                  fps: float = D.FPS, max_frames: int = D.MAX_FRAMES) -> dict:
+    """Fit each ATC head's threshold on held-out `records` (alarm.fit_threshold: max balanced accuracy; 0.5 with
+    the reason when it cannot be fitted) and set it on llm.alarm, which save_checkpoint writes into
+    alarm.safetensors. Every stage refits: the heads may be frozen, but the LLM under them moves (cold start, GRPO),
+    so the old cut drifts while the ranking (AUROC) holds. Prompts as the stage trains them (`structured`).
+    Returns the summary's numbers per head h: heldout_atc_h_acc (at 0.5), heldout_atc_h_acc_fit (at the fitted
+    threshold), heldout_atc_h_auroc, threshold_h."""
+    out = {}
+    scores = atc_probabilities(llm, records, structured=structured, batch_size=batch_size, fps=fps,
+                               max_frames=max_frames) if records else {h: ([], []) for h in A.HEADS}
+    for h in A.HEADS:
+        labels, probs = scores[h]
+        thr, note = A.fit_threshold(labels, probs)
+        llm.alarm.thresholds[h], llm.alarm.threshold_notes[h] = thr, f"{stage}: {note}"
+        out[f"threshold_{h}"] = thr
+        if labels:
+            acc = lambda t: round(sum((p >= t) == (y == 1) for y, p in zip(labels, probs)) / len(labels), 4)
+            auc = A.auroc(labels, probs)
+            out.update({f"heldout_atc_{h}_acc": acc(A.DEFAULT_THRESHOLD), f"heldout_atc_{h}_acc_fit": acc(thr),
+                        f"heldout_atc_{h}_auroc": None if auc is None else round(auc, 4)})
+    return out
 
 
 # -----------------------------------------------------------------------------
