@@ -9,7 +9,7 @@
   set on the alarm, so the checkpoint saves it with the heads;
 - the JSONL log OUT/metrics.jsonl (its first row the run's config; continued, not repeated, on resume), the
   rank-0 print, the stop on a non-finite loss, and `finish`: log the summary, save the final checkpoint (with the
-  config in its metadata), release the output folder.
+  config in its metadata), draw OUT/curves.png from the log (plots.py), release the output folder.
 
 Nothing here is specific to one stage; under torchrun rank 0 writes and every rank takes part in the collectives
 (distributed.py).
@@ -31,6 +31,7 @@ import data as D
 import distributed
 import model as M
 import outdir
+import plots
 
 TRAIN_STATE = "train_state.pt"  # optimizer, scheduler, RNG and loop state, beside a snapshot's weights
 WARMUP_RATIO = 0.03  # share of the optimizer steps spent in linear warmup (paper)
@@ -253,13 +254,19 @@ def open_log(out_dir: str, config: dict, resume: dict | None = None):
 
 def finish(llm: M.VideoLLM, out: str, config: dict, log, skipped: dict, summary: dict) -> dict:
     """Log the summary (with any skipped records by name), save the final checkpoint to `out` with the run's
-    config in its metadata, print the summary, leave the process group."""
+    config in its metadata, print the summary, draw OUT/curves.png (plots.py), leave the process group."""
     skipped = distributed.union_over_ranks(skipped)  # under torchrun each rank saw the bad records of its batches
     if skipped:
         summary.update(skipped_records=len(skipped), skipped=sorted(skipped.values()))
     log({"summary": summary})
     M.save_checkpoint(llm, out, meta={"args": config, **summary})  # under torchrun: rank 0 writes it
     say(json.dumps({k: v for k, v in summary.items() if k not in ("skipped", "note")}, ensure_ascii=False))
+    if distributed.rank() == 0:  # OUT/curves.png from the log just written (a hint instead without matplotlib)
+        try:
+            if plots.plot_run(out):
+                say(f"curves: {os.path.join(out, plots.CURVES)}")
+        except Exception as e:  # a picture never fails a finished run (its checkpoint is saved above)
+            say(f"plots failed ({type(e).__name__}: {e}); redraw with: python plots.py {out}")
     outdir.release(out)
     distributed.close()
     return summary
