@@ -56,6 +56,7 @@ import cli
 import demo
 import judges
 import outdir
+import plots
 import rewards
 from data import DataError, collate, load_records, structured_target
 from judges import Verdict
@@ -239,6 +240,21 @@ def render_compare(runs: list[tuple[str, dict, dict | None]]) -> str:
     cols.append(("benchmark", [f"{m['benchmark']['name']} {h['label']} {fmt(h['value'], '%')}" if h else "–"
                                for m, h in zip(ms, heads)]))
     return table("run", [name for name, _, _ in runs], cols)
+
+
+def figures(out: str, runs: list[tuple[str, dict, dict | None]], dirs: list[str]) -> str:
+    """Draw OUT/compare.png (plots.compare_chart) and return report.md's figure section: the chart, then each
+    stage's training curves where they exist beside the eval folders (run_all.sh's layout: $OUT/eval/<stage> is
+    evaluated from $OUT/<stage>, whose curves.png training wrote). Links are relative to OUT; "" if nothing."""
+    lines = []
+    if plots.compare_chart([(name, m) for name, m, _ in runs], os.path.join(out, plots.COMPARE)):
+        lines.append(f"![headline metrics per run]({plots.COMPARE})")
+    for (name, _, _), d in zip(runs, dirs):
+        curves = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(d))), name, plots.CURVES)
+        if os.path.exists(curves):
+            lines.append(f"### {name}: training curves\n\n![{name} training curves]"
+                         f"({os.path.relpath(curves, os.path.abspath(out))})")
+    return "\n## Figures\n\n" + "\n\n".join(lines) + "\n" if lines else ""
 
 
 # The demo's story, one check per claim (name, stage, test on that stage's metrics and the others'). A missing metric
@@ -598,8 +614,9 @@ def main(argv=None):
         agreement = render_agreement([(name, m, p) for (name, m, _), p in zip(runs, preds)])
         text = "# Runs side by side\n\n" + render_compare(runs) + "\n" + (f"\n{agreement}" if agreement else "")
         print(text)
-        if args.out:  # report.md, and the same table as summary.json keyed by run folder name
+        if args.out:  # report.md (with compare.png and the stages' curves), the table as summary.json by run name
             os.makedirs(args.out, exist_ok=True)
+            text += figures(args.out, runs, args.compare)
             with open(os.path.join(args.out, "report.md"), "w", encoding="utf-8") as f:
                 f.write(text)
             summary = {name: {k: v for k, v in m.items() if not isinstance(v, dict)} for name, m, _ in runs}
