@@ -3,7 +3,7 @@
 - `parser(doc)`: one argument-block style for all: the file's docstring opens --help, each flag's default is
   shown beside its help, and flags are grouped under headers;
 - the flags several entry points have, added in one place (`add_video_flags`, `add_run_flags`,
-  `add_snapshot_flags`, `add_heldout_flags`), their defaults taken from the module that owns the setting;
+  `add_snapshot_flags` with --report-to, `add_heldout_flags`), their defaults taken from the module that owns the setting;
 - checked number types for every numeric flag (`positive_int`, `probability`, ...): a bad value is an argparse
   error (exit 2) when the arguments are parsed, before any data or model is read;
 - `run_cli(main)`: bad input or a stopped run ends with one clear line and a non-zero exit, not a traceback
@@ -102,6 +102,9 @@ def add_snapshot_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
     g.add_argument("--save-every", type=nonneg_int, default=50, help="write a resumable snapshot to OUT/resume every N steps "
                    "(0 = only at the end)")
     g.add_argument("--resume", action="store_true", help=resume_help)
+    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none", help="also write every logged number "
+                   "live to a TensorBoard log in OUT/tensorboard (optional: pip install tensorboard; then "
+                   "tensorboard --logdir OUT). OUT/metrics.jsonl and OUT/curves.png are written either way")
 
 
 def run_cli(main) -> None:

@@ -98,3 +98,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_snapshot(demo_dir, tmp_path, 
     snap = T.find_train_state(os.path.join(out, "resume"))
     assert json.load(open(os.path.join(snap, M.META_FILE)))["resume_state"]["step"] == 2
     assert all(torch.isfinite(v).all() for v in load_file(os.path.join(snap, "model.safetensors")).values())
+
+
+def test_report_to_tensorboard_writes_the_logged_numbers(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = T.open_log(str(tmp_path), {"report_to": "tensorboard"})
+    log({"step": 1, "of": 2, "phase": "sft", "loss": 2.5, "acc_v": 0.25, "ok": True})
+    log({"step": 2, "of": 2, "phase": "sft", "loss": 1.5, "acc_v": 0.75, "ok": True})
+    log({"summary": {"loss": 9.0}})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["sft/acc_v", "sft/loss"]  # booleans, step, of, summary left out
+    assert [(e.step, e.value) for e in events.Scalars("sft/loss")] == [(1, 2.5), (2, 1.5)]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"config": {"report_to": "tensorboard"}} and rows[2]["loss"] == 1.5  # the JSONL log as always
+
+
+def test_report_to_tensorboard_without_it_says_how(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    log = T.open_log(str(tmp_path), {"report_to": "tensorboard"})
+    log({"step": 1, "of": 1, "loss": 1.0})
+    assert "pip install tensorboard" in capsys.readouterr().out
+    assert not (tmp_path / "tensorboard").exists() and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2

@@ -241,15 +241,34 @@ def open_log(out_dir: str, config: dict, resume: dict | None = None):
         at = lambda r: r.get("step") == resume["step"] and r.get("phase") == resume.get("phase") and "of" in r
         outdir.truncate_after(path, at)
     f = open(path, "a" if resume else "w", encoding="utf-8")
+    board = tensorboard_writer(out_dir) if config.get("report_to") == "tensorboard" else None
+    count = [0]  # rows logged: the x axis of a row without a step
 
     def log(row: dict) -> None:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
+        if board is not None and "config" not in row and "summary" not in row:
+            count[0] += 1
+            prefix = f"{row['phase']}/" if isinstance(row.get("phase"), str) else ""
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "of"):
+                    board.add_scalar(prefix + key, value, global_step=row.get("step", count[0]))
+            board.flush()
 
     world = distributed.world_size()
     log({"config": config, **({"world_size": world} if world > 1 else {}),
          **({"resumed_at_step": resume["step"]} if resume else {})})
     return log
+
+
+def tensorboard_writer(out_dir: str):
+    """A SummaryWriter on OUT/tensorboard, or None (and one line saying how to get it) without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the tensorboard package
+        say("--report-to tensorboard skipped: pip install tensorboard (metrics.jsonl is written as always)")
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
 
 
 def finish(llm: M.VideoLLM, out: str, config: dict, log, skipped: dict, summary: dict) -> dict:
