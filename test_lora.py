@@ -156,3 +156,9 @@ def test_at_sft_lora_end_to_end(demo_dir, tmp_path):
         moved.add(n)
     assert moved and all(".language_model." in n and n.rsplit(".", 2)[1] in lora.TARGETS for n in moved)
     assert not torch.equal(got.alarm.head_v.weight, start.alarm.head_v.weight)  # the heads trained in full
+
+
+def test_lora_refused_under_torchrun():
+    lora.check(False, 8)  # without --lora nothing is asked
+    with pytest.raises(lora.LoraError, match="not supported with torchrun / FSDP"):
+        lora.check(True, 2)
