@@ -162,3 +162,14 @@ def test_lora_refused_under_torchrun():
     lora.check(False, 8)  # without --lora nothing is asked
     with pytest.raises(lora.LoraError, match="not supported with torchrun / FSDP"):
         lora.check(True, 2)
+
+
+def test_grpo_lora_end_to_end(demo_dir, tmp_path):
+    import grpo
+    from conftest import GRPO
+
+    out = str(tmp_path / "grpo")
+    grpo.main(["--data", f"{demo_dir}/grpo.jsonl", *GRPO, "--max-steps", "1", "--out", out, "--lora"])
+    w = load_file(os.path.join(out, "model.safetensors"))
+    assert not [k for k in w if "lora" in k or "base_layer" in k]
+    assert not lora.is_wrapped(M.load_model(out, device="cpu").model)
