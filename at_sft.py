@@ -25,6 +25,9 @@ Where we depart from the authors' code, and why:
 - Weights are kept in fp32 with bf16 autocast on GPU (the authors train bf16 weights under DeepSpeed,
   which also keeps fp32 master weights); on CPU everything is fp32.
 - The LM loss is a token mean over the micro-batch's assistant tokens, divided by --grad-accum.
+- Opt-in `--lora` (the paper fine-tunes the whole LLM): low-rank adapters on the LLM's projections train instead
+  of its weights, the alarm vectors and ATC heads in full; the checkpoint has the adapters merged in (lora.py).
+  For one GPU of 24 GB; one process only.
 
 cold_start.py reuses the loop below (`train_sft`) with its own data and settings. The alarm tokens, the ATC heads
 and the loss are in alarm.py; the model plumbing in model.py; snapshots, logs and the schedule in training.py.
@@ -44,6 +47,7 @@ import cli
 import data as D
 import demo
 import distributed
+import lora
 import model as M
 import training as T
 from alarm import LAMBDA_T, LAMBDA_V, at_sft_loss
@@ -85,6 +89,7 @@ def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
         "the authors' recipe: phase 1 = LM loss only on LLM + alarm vectors, then phase 2 = the full AT-SFT loss on "
         "LLM + alarm + ATC heads (default: the paper's single objective)"))
     cli.add_video_flags(p)
+    cli.add_lora_flags(p)
     cli.add_snapshot_flags(p, resume_help="continue from OUT/resume: weights, optimizer, scheduler, RNG, data position")
     cli.add_run_flags(p, seed=42, seed_help="random seed (same seed, same machine: same weights)")
     p.set_defaults(**defaults)
@@ -226,6 +231,7 @@ def start(args, stage: str, structured: bool = False):
     targets must be in the structured format (cold start).
     Under torchrun: join the process group and shard the model over the ranks (distributed.shard_model)."""
     rank, world, _, device = distributed.init(args.device)
+    lora.check(args.lora, world)  # peft installed, one process: before any data or model is read
     if not args.resume:  # a wrong --model fails here, not after the data are read
         M.check_model_path(args.model, "--model")
     T.take_out(args.out)
@@ -237,6 +243,7 @@ def start(args, stage: str, structured: bool = False):
     if resume:
         T.say(f"{stage}: resuming from {resume['dir']} (phase {resume['phase']}, step {resume['step']})")
     llm = T.load_for_training(resume["dir"] if resume else args.model, device, trust_remote_code=args.trust_remote_code)
+    T.apply_lora(llm, args, resume["dir"] if resume else None)  # --lora only
     if args.gradient_checkpointing:
         llm.model.gradient_checkpointing_enable()
     if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device

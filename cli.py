@@ -3,7 +3,8 @@
 - `parser(doc)`: one argument-block style for all: the file's docstring opens --help, each flag's default is
   shown beside its help, and flags are grouped under headers;
 - the flags several entry points have, added in one place (`add_video_flags`, `add_run_flags`,
-  `add_snapshot_flags` with --report-to, `add_heldout_flags`), their defaults taken from the module that owns the setting;
+  `add_snapshot_flags` with --report-to, `add_heldout_flags`, `add_lora_flags`), their defaults taken from the
+  module that owns the setting;
 - checked number types for every numeric flag (`positive_int`, `probability`, ...): a bad value is an argparse
   error (exit 2) when the arguments are parsed, before any data or model is read;
 - `run_cli(main)`: bad input or a stopped run ends with one clear line and a non-zero exit, not a traceback
@@ -18,6 +19,7 @@ import os
 import sys
 
 import data as D
+import lora
 from chat_api import APIError
 from outdir import OutputBusy
 from training import TrainingError
@@ -107,12 +109,33 @@ def add_snapshot_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
                    "tensorboard --logdir OUT). OUT/metrics.jsonl and OUT/curves.png are written either way")
 
 
+def targets(text: str) -> tuple:
+    """--lora-targets: comma-separated module names (q_proj,v_proj ...)."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names or not all(n.replace("_", "").isalnum() for n in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names, got {text!r}")
+    return names
+
+
+def add_lora_flags(p: argparse.ArgumentParser) -> None:
+    """The training stages' --lora (a departure from the paper's full fine-tuning; lora.py)."""
+    g = p.add_argument_group("LoRA (opt-in; the paper fine-tunes the whole LLM; needs peft)")
+    g.add_argument("--lora", action="store_true", help="train low-rank adapters on the LLM's projections instead of "
+                   "its weights (alarm vectors and ATC heads still train in full); the saved checkpoint has them "
+                   "merged in, a plain model. One process only")
+    g.add_argument("--lora-r", type=positive_int, default=lora.R, help="adapter rank r")
+    g.add_argument("--lora-alpha", type=positive_float, default=lora.ALPHA, help="adapter scale α (update (α/r)·BA)")
+    g.add_argument("--lora-dropout", type=unit_float, default=lora.DROPOUT, help="dropout on the adapters' input")
+    g.add_argument("--lora-targets", type=targets, default=lora.TARGETS, help="comma-separated names of the "
+                   "language model's linear layers that get adapters (default: %s)" % ",".join(lora.TARGETS))
+
+
 def run_cli(main) -> None:
     """Run a stage's main(): bad input or a stopped run ends with one clear line and a non-zero exit,
     not a traceback (unless --debug is given)."""
     try:
         main()
-    except (D.DataError, TrainingError, APIError, OutputBusy, OSError) as e:
+    except (D.DataError, TrainingError, lora.LoraError, APIError, OutputBusy, OSError) as e:
         if "--debug" in sys.argv:
             raise
         kind = ("bad input" if isinstance(e, D.DataError) else "stopped" if isinstance(e, TrainingError)

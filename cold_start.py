@@ -13,6 +13,9 @@ This stage is AT-SFT's loop (at_sft.train_sft) with three differences, and nothi
 The heads' decision thresholds are refitted on the held-out split at the end (training.calibrate_atc): the heads
 are frozen copies, but the LLM under them moved, so AT-SFT's cut no longer fits while their ranking still does.
 
+Where we depart from the paper: opt-in `--lora` trains low-rank adapters on the LLM's projections instead of its
+weights (the paper fine-tunes the whole LLM), merged into the saved checkpoint (lora.py); one process only.
+
 Run:
     python cold_start.py --model runs/demo/at_sft                 # after at_sft.py, on the demo data
     python cold_start.py --model runs/vsr1/at_sft --data vst_cold_start.jsonl --out runs/vsr1/cold_start \

@@ -45,6 +45,8 @@ Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1
   are counted in the logs. std is the unbiased one (torch's default), as in their code.
 - Rewards come from rewards.py (tag counting, multilingual ROUGE; see there). Their KL clamp
   (ref − logp clipped to [−10, 10] before exp) is kept.
+- Opt-in `--lora` (the paper fine-tunes the whole LLM): only the policy gets adapters (lora.py), merged into the
+  saved checkpoint; π_ref stays the frozen start checkpoint, loaded on its own as without --lora. One process only.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ import cli
 import data as D
 import demo
 import distributed
+import lora
 import model as M
 import rewards as R
 import rollout
@@ -118,6 +121,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO, help="share of optimizer steps of linear "
                    "warmup before cosine decay (paper: 0.03)")
     cli.add_video_flags(p)
+    cli.add_lora_flags(p)
     cli.add_snapshot_flags(p, resume_help="continue from OUT/resume: weights, optimizer, scheduler, RNG, step "
                            "(π_ref is reloaded from the --model the run started from)")
     cli.add_run_flags(p, seed=42, seed_help="random seed (prompt order, sampling)")
@@ -309,6 +313,7 @@ def rollout_metrics(groups: list[Group]) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rank, world, _, device = distributed.init(args.device)  # (0, 1, 0, --device) without torchrun
+    lora.check(args.lora, world)  # peft installed, one process: before any data or model is read
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} (prompts per step, all processes) must be a multiple of "
                          f"the {world} processes: each prompt's group stays on one process")
@@ -328,6 +333,7 @@ def main(argv=None) -> dict:
 
     load = dict(trust_remote_code=args.trust_remote_code)  # under torchrun: whole on CPU, then each rank its shard
     policy = T.load_for_training(resume["dir"] if resume else args.model, device, **load)
+    T.apply_lora(policy, args, resume["dir"] if resume else None)  # --lora: the policy only, never π_ref
     ref = None
     if args.beta > 0:  # π_ref: a frozen copy of the start point
         ref = T.load_for_training(start_model, device, **load)

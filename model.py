@@ -9,7 +9,8 @@
   first end-of-turn token; `completion_logprobs` gives log π(o_t | q, o_<t) with the LM head at completion
   positions only (GRPO's ratio and KL).
 - `set_trainable` / `param_groups`: which parameters train in each stage (the vision encoder and projector never)
-  and their learning rates.
+  and their learning rates; with LoRA adapters (lora.py, --lora) the adapters are the LLM's trainable part and
+  `save_checkpoint` writes them merged in (a plain model).
 
 GRPO's rollout (one video encoding, one prefill per group) is in rollout.py; several processes in distributed.py.
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 import data
 import demo
 import distributed
+import lora
 from alarm import ALARM_FILE, SafetyAlarm, add_alarm_tokens
 
 META_FILE = "videosafety_meta.json"  # the stage, its config and step, beside the weights of every checkpoint
@@ -62,9 +64,11 @@ def _is_llm(name: str) -> bool:
 
 
 def set_trainable(llm: VideoLLM, train_llm: bool, train_alarm: bool, train_heads: bool) -> None:
-    """Vision encoder and projector: always frozen. LLM, alarm vectors, ATC heads: each on its own."""
+    """Vision encoder and projector: always frozen. LLM, alarm vectors, ATC heads: each on its own.
+    A model with LoRA adapters (lora.wrap) trains only its adapters as the LLM's part; its base weights stay frozen."""
+    adapters = lora.is_wrapped(llm.model)
     for n, p in llm.model.named_parameters():
-        p.requires_grad_(train_llm and _is_llm(n))
+        p.requires_grad_(train_llm and _is_llm(n) and (lora.is_adapter(n) or not adapters))
     if llm.alarm is not None:
         llm.alarm.vectors.requires_grad_(train_alarm)
         for p in list(llm.alarm.head_v.parameters()) + list(llm.alarm.head_t.parameters()):
@@ -257,9 +261,14 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
     metadata last, so a crash mid-save never leaves a mix that looks complete.
 
     Sharded (FSDP2): every rank must call it; the full weights are gathered to rank 0's CPU and rank 0 writes
-    the same ordinary directory, loadable in one process without torchrun."""
+    the same ordinary directory, loadable in one process without torchrun.
+
+    With LoRA adapters (one process only): the adapters merged into a copy of the weights (lora.merged_state_dict),
+    so the directory is the same plain model, with no adapter tensors; the live model keeps its adapters."""
     sharded = distributed.is_sharded(llm)
     state_dict = distributed.full_state_dict(llm) if sharded else None  # a collective: all ranks take part
+    if lora.is_wrapped(llm.model):
+        state_dict = lora.merged_state_dict(llm.model)
     if distributed.rank() == 0:
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".saving-{os.getpid()}")

@@ -5,6 +5,7 @@
 - resumable snapshots in OUT/resume (weights, optimizer, scheduler, RNG, loop state; atomic renames) and
   `find_resume` for --resume;
 - `take_out`: the output folder checked and locked before the model loads (outdir.py);
+- `apply_lora`: --lora's adapters on the loaded model (lora.py), restored from the snapshot on --resume;
 - `calibrate_atc`: each ATC head's decision threshold fitted on the held-out records (alarm.fit_threshold) and
   set on the alarm, so the checkpoint saves it with the heads;
 - the JSONL log OUT/metrics.jsonl (its first row the run's config; continued, not repeated, on resume), the
@@ -29,6 +30,7 @@ import torch
 import alarm as A
 import data as D
 import distributed
+import lora
 import model as M
 import outdir
 import plots
@@ -88,6 +90,20 @@ def load_for_training(name_or_path: str, device: str | None, *, trust_remote_cod
                         dtype=torch.float32, with_alarm=True, trust_remote_code=trust_remote_code)
 
 
+def apply_lora(llm: M.VideoLLM, args, snapshot: str | None = None) -> None:
+    """--lora: adapters on the LLM's --lora-targets (lora.wrap); with `snapshot` (--resume) its adapters restored
+    and taken back out of its merged weights (lora.restore). A snapshot written with adapters and resumed without
+    --lora (or the reverse) is refused: the optimizer state would not fit the parameters."""
+    has_adapters = snapshot is not None and os.path.isfile(os.path.join(snapshot, lora.ADAPTER_FILE))
+    if not args.lora:
+        if has_adapters:
+            raise TrainingError(f"--resume: {snapshot} was written by a --lora run; rerun with the same --lora flags")
+        return
+    lora.wrap(llm.model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=args.lora_targets)
+    if snapshot is not None:
+        lora.restore(llm.model, snapshot)
+
+
 def check_finite(loss: float, grad_norm, step: int, resume_dir: str) -> None:
     """Stop on a non-finite loss or gradient before the optimizer step spoils the weights."""
     if not math.isfinite(float(loss)) or not math.isfinite(float(grad_norm)):
@@ -119,7 +135,9 @@ def save_train_state(directory: str, llm: M.VideoLLM, optimizer, scheduler, stat
     tmp, old = directory + ".tmp", directory + ".old"
     if distributed.rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    M.save_checkpoint(llm, tmp, meta={"resume_state": state})
+    M.save_checkpoint(llm, tmp, meta={"resume_state": state})  # with LoRA: the adapters merged in, a plain model
+    if lora.is_wrapped(llm.model) and distributed.rank() == 0:  # and the adapters themselves, for lora.restore
+        lora.save_adapters(llm.model, tmp)
     sharded = distributed.is_sharded(llm)
     optimizer_state = distributed.full_optimizer_state_dict(llm, optimizer) if sharded else optimizer.state_dict()
     if distributed.rank() == 0:
