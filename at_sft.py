@@ -273,6 +273,8 @@ def start(args, stage: str, structured: bool = False):
     if resume:
         T.say(f"{stage}: resuming from {resume['dir']} (phase {resume['phase']}, step {resume['step']})")
     llm = T.load_for_training(resume["dir"] if resume else args.model, device, trust_remote_code=args.trust_remote_code)
+    if note := RC.check_start(M.checkpoint_meta(args.model), args.recipe, stage):
+        T.say(note)
     if args.gradient_checkpointing:
         llm.model.gradient_checkpointing_enable()
     if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device

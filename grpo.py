@@ -334,6 +334,8 @@ def main(argv=None) -> dict:
 
     load = dict(trust_remote_code=args.trust_remote_code)  # under torchrun: whole on CPU, then each rank its shard
     policy = T.load_for_training(resume["dir"] if resume else args.model, device, **load)
+    if note := RC.check_start(M.checkpoint_meta(start_model), args.recipe, "GRPO"):
+        T.say(note)
     ref = None
     if args.beta > 0:  # π_ref: a frozen copy of the start point
         ref = T.load_for_training(start_model, device, **load)

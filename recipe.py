@@ -101,3 +101,13 @@ def prompt_kwargs(name: str | None, stage: str) -> dict:
 def of_checkpoint(meta: dict) -> str:
     """The recipe a checkpoint was trained with (its videosafety_meta.json); "paper" for anything older or other."""
     return (meta or {}).get("args", {}).get("recipe") or "paper"
+
+
+def check_start(meta: dict, name: str, stage: str) -> str | None:
+    """A note when a stage starts from a checkpoint trained under another recipe (its prompts differ from the ones
+    this run will use), else None."""
+    trained = of_checkpoint(meta)
+    if meta.get("stage") and trained != (name or "paper"):
+        return (f"note: {stage} runs --recipe {name} from a {meta['stage']} checkpoint trained with --recipe {trained}; "
+                "its prompts and budgets differ from the ones it learnt")
+    return None

@@ -156,3 +156,10 @@ def test_authors_truncation(vl3, text_record, capsys):
         data.collate(vl3, [text_record], structured=False, with_target=True, truncate=alarm_at)
     assert RC.prompt_kwargs("paper", "at_sft")["truncate"] == 0 and RC.prompt_kwargs("authors", "at_sft")["truncate"] == 8192
     assert RC.prompt_kwargs("authors", "grpo")["truncate"] == 0  # their GRPO prompt is not cut
+
+
+def test_a_recipe_mismatch_is_said():
+    meta = {"stage": "cold_start", "args": {"recipe": "paper"}}
+    assert "trained with --recipe paper" in RC.check_start(meta, "authors", "GRPO")
+    assert RC.check_start(meta, "paper", "GRPO") is None and RC.check_start({}, "authors", "GRPO") is None
+    assert RC.of_checkpoint({"stage": "grpo", "args": {}}) == "paper"  # older checkpoints: the paper's
