@@ -139,15 +139,28 @@ def add_alarm_tokens(model: nn.Module, tokenizer) -> SafetyAlarm:
 
 
 def at_sft_loss(lm_loss, logit_v, logit_t, video_label, text_label, lambda_v: float = LAMBDA_V,
-                lambda_t: float = LAMBDA_T):
-    """The AT-SFT objective, in one place:  L = L_base + λ1·L_ATC^v + λ2·L_ATC^t.
+                lambda_t: float = LAMBDA_T, *, norm: str = "mean", n_tokens: int | None = None, n_step: float = 1.0):
+    """The AT-SFT objective, in one place.
+
+    norm "mean" (the paper's equation, the default):   L = L_base + λ1·L_ATC^v + λ2·L_ATC^t,  L_base the token mean.
+    norm "step_sum" (the authors' code under the HF Trainer, recipe.py):
+        L = (Σ_tokens CE + λ1·L_ATC^v + λ2·L_ATC^t) / N_step
+    with `lm_loss` the micro-batch's token mean over its `n_tokens` label tokens (so Σ CE = lm_loss · n_tokens) and
+    N_step the label-token count of the whole optimizer step (HF's num_items_in_batch); the ATC terms stay batch
+    means, so their weight is about λ / answer length. A loop that learns N_step only at the step's end passes
+    n_step = 1 and divides the step's gradients by N_step (the same gradient: the loss is linear in 1/N_step).
 
     L_ATC is binary cross-entropy with logits; label 1 = harmful, 0 = safe. logit_*, *_label: (B,).
-    Returns (loss, {"lm": ., "atc_v": ., "atc_t": .}) with the parts detached.
+    Returns (loss, {"lm": ., "atc_v": ., "atc_t": .}) with the parts detached ("lm" the token mean either way).
     """
     bce_v = F.binary_cross_entropy_with_logits(logit_v.float(), video_label.float())  # L_ATC^v
     bce_t = F.binary_cross_entropy_with_logits(logit_t.float(), text_label.float())  # L_ATC^t
-    loss = lm_loss + lambda_v * bce_v + lambda_t * bce_t
+    if norm == "mean":
+        loss = lm_loss + lambda_v * bce_v + lambda_t * bce_t
+    elif norm == "step_sum":
+        loss = (lm_loss * n_tokens + lambda_v * bce_v + lambda_t * bce_t) / n_step
+    else:
+        raise ValueError(f"unknown loss normalisation {norm!r}")
     return loss, {"lm": lm_loss.detach(), "atc_v": bce_v.detach(), "atc_t": bce_t.detach()}
 
 

@@ -24,7 +24,9 @@ Where we depart from the authors' code, and why:
   `--two-phase` runs the authors' recipe (phase 1 then phase 2, one epoch budget each) in one command.
 - Weights are kept in fp32 with bf16 autocast on GPU (the authors train bf16 weights under DeepSpeed,
   which also keeps fp32 master weights); on CPU everything is fp32.
-- The LM loss is a token mean over the micro-batch's assistant tokens, divided by --grad-accum.
+- The LM loss is a token mean over the micro-batch's assistant tokens, divided by --grad-accum (the paper's
+  equation). `--recipe authors` takes their HF Trainer's scale instead: (Σ token CE + λ·BCE) / the step's label
+  tokens (alarm.at_sft_loss), with their visual budget and their cut at 8192 tokens (recipe.py lists every setting).
 - Opt-in `--lora` (the paper fine-tunes the whole LLM): low-rank adapters on the LLM's projections train instead
   of its weights, the alarm vectors and ATC heads in full; the checkpoint has the adapters merged in (lora.py).
   For one GPU of 24 GB; one process only.
@@ -49,6 +51,7 @@ import demo
 import distributed
 import lora
 import model as M
+import recipe as RC
 import training as T
 from alarm import LAMBDA_T, LAMBDA_V, at_sft_loss
 
@@ -88,12 +91,16 @@ def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
     g.add_argument("--two-phase", action="store_true", help=atc_only(
         "the authors' recipe: phase 1 = LM loss only on LLM + alarm vectors, then phase 2 = the full AT-SFT loss on "
         "LLM + alarm + ATC heads (default: the paper's single objective)"))
+    RC.add_flag(p.add_argument_group("recipe"), help_extra=atc_only("; on AT-SFT it also implies --two-phase (their "
+                "stages 1 and 2)"))
     cli.add_video_flags(p)
     cli.add_lora_flags(p)
     cli.add_snapshot_flags(p, resume_help="continue from OUT/resume: weights, optimizer, scheduler, RNG, data position")
     cli.add_run_flags(p, seed=42, seed_help="random seed (same seed, same machine: same weights)")
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
+    if stage == "at_sft" and args.recipe == "authors":
+        args.two_phase = True  # their stage 1 (alarm init) then stage 2, as two runs of train.py
     args.data = args.data or demo.demo_split(stage)
     args.eval_data = args.eval_data or (demo.demo_split("eval") if args.eval_records else None)
     return args
@@ -103,9 +110,15 @@ def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
 # One SFT phase: the loop shared by AT-SFT and cold start
 
 
-def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: bool, use_atc: bool,
+def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, prompt: dict, use_atc: bool,
               train_alarm: bool, train_heads: bool, log, skipped: dict, resume: dict | None = None) -> int:
     """Run one supervised phase over `records`; return the number of optimizer steps taken.
+
+    prompt: the stage's prompt settings (recipe.prompt_kwargs), passed to data.collate. Under --recipe authors the
+    loss is their step-normalised sum: each micro-batch backpropagates Σ CE + λ·BCE and the step's gradients are then
+    divided by N_step, its label tokens (+4 per record with alarm tokens: their labels tensor carries 4 alarm entries
+    per sample, which HF's count includes); under torchrun N_step is summed over the ranks (HF's
+    average_tokens_across_devices; theirs, an older HF, divides by each rank's own count).
 
     resume: {"dir", "phase", "step"} of a snapshot to continue from (ignored if it belongs to another phase).
 
@@ -114,6 +127,7 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     is rank r's local micro-batch j with m = j·world + r. Each rank's loss is divided by grad_accum and FSDP
     averages the gradients over ranks, so a step equals that one-process step."""
     rank, world = distributed.rank(), distributed.world_size()
+    norm = RC.get(args.recipe).sft_loss
     M.set_trainable(llm, train_llm=True, train_alarm=train_alarm, train_heads=train_heads)
     groups = M.param_groups(llm, args.lr_llm, args.lr_alarm, args.lr_heads, args.weight_decay)
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
@@ -129,33 +143,42 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     llm.model.train()
     bar = tqdm(range(start, total), desc=phase, dynamic_ncols=True, initial=start, total=total, disable=rank != 0)
     for step in bar:
-        t0, n_tokens, sums = time.time(), 0, {"loss": 0.0}
+        t0, n_tokens, n_step, sums = time.time(), 0, 0, {"loss": 0.0}
         hits_v = hits_t = seen = 0
         for micro in range(args.grad_accum):
             lo = ((step * args.grad_accum + micro) * world + rank) * args.batch_size  # this rank's share
             batch_records = [records[i] for i in order[lo:lo + args.batch_size]]
-            batch = D.collate(llm, batch_records, structured=structured, with_target=True, fps=args.fps,
-                              max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped)
+            batch = D.collate(llm, batch_records, with_target=True, fps=args.fps, max_frames=args.max_frames,
+                              skip_bad=args.skip_bad_records, skipped=skipped, **prompt)
             if batch is None:  # every record of this micro-batch was bad and skipped
                 if world > 1:  # every forward / backward of a sharded model is a collective: the others wait
-                    _stand_in(llm, batch_records[0], structured)
+                    _stand_in(llm, batch_records[0], prompt)
                 continue
             with T.autocast(llm.device):
                 out = llm.forward(batch)
-            if use_atc:  # L = L_base + λ1·L_ATC^v + λ2·L_ATC^t
+            if use_atc:  # L = L_base + λ1·L_ATC^v + λ2·L_ATC^t (authors: (Σ CE + λ·BCE) / N_step, see above)
                 loss, parts = at_sft_loss(out["lm_loss"], out["logit_v"], out["logit_t"], batch["video_label"],
-                                            batch["text_label"], args.lambda_v, args.lambda_t)
+                                          batch["text_label"], args.lambda_v, args.lambda_t, norm=norm,
+                                          n_tokens=out["n_tokens"])
                 hits_v += int(((out["logit_v"] > 0).float() == batch["video_label"]).sum())
                 hits_t += int(((out["logit_t"] > 0).float() == batch["text_label"]).sum())
-            else:  # L = L_base
-                loss, parts = out["lm_loss"], {"lm": out["lm_loss"].detach()}
-            (loss / args.grad_accum).backward()
-            sums["loss"] += float(loss.detach()) / args.grad_accum
+            else:  # L = L_base (authors: Σ CE / N_step)
+                loss = out["lm_loss"] * (out["n_tokens"] if norm == "step_sum" else 1)
+                parts = {"lm": out["lm_loss"].detach()}
+            (loss if norm == "step_sum" else loss / args.grad_accum).backward()
+            n_step += int((batch["labels"] != -100).sum()) + (4 * len(batch["records"]) if llm.alarm is not None else 0)
+            sums["loss"] += float(loss.detach()) / (1 if norm == "step_sum" else args.grad_accum)
             for k, v in parts.items():  # lm, and atc_v / atc_t when the ATC loss is on
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
             n_tokens += int(batch["attention_mask"].sum())
             seen += len(batch["records"])
         distributed.all_reduce_alarm_grads(llm)  # replicated alarm: average its gradients (FSDP did the rest)
+        if norm == "step_sum":  # ∇(S / N_step) = ∇S / N_step; FSDP averaged over ranks, so × world / ΣN
+            n_all = distributed.all_reduce_sum([n_step])[0] if world > 1 else n_step
+            for p in (p for g in groups for p in g["params"]):
+                if p.grad is not None:
+                    p.grad.mul_(world / max(n_all, 1))
+            sums["loss"] *= world / max(n_all, 1)  # the step's loss S / N_step, as their Trainer logs it
         if world > 1:  # the step's numbers over the global batch: mean of the ranks' losses, summed counts
             keys = ["loss", "lm"] + (["atc_v", "atc_t"] if use_atc else [])  # the same on every rank
             counts = [n_tokens, hits_v, hits_t, seen]
@@ -181,40 +204,40 @@ def train_sft(llm: M.VideoLLM, args, records: list, *, phase: str, structured: b
     return total
 
 
-def _stand_in(llm: M.VideoLLM, record, structured: bool) -> None:
+def _stand_in(llm: M.VideoLLM, record, prompt: dict) -> None:
     """Under torchrun, what a rank runs for a micro-batch whose records were all skipped: a forward and backward
     that add exactly 0 to every gradient (a short text, loss × 0: the record itself may be too long to read), so
     that it takes part in FSDP's collectives like the other ranks. One process simply skips the micro-batch; the
     step is the same."""
     stand_in = dataclasses.replace(record, query="", target="", video=None, image=None, turns=None)  # any text
-    batch = D.collate(llm, [stand_in], structured=structured, with_target=True, no_video=True)
+    batch = D.collate(llm, [stand_in], with_target=True, no_video=True, **prompt)
     with T.autocast(llm.device):
         (llm.forward(batch)["lm_loss"] * 0).backward()
 
 
 @torch.no_grad()
-def heldout_check(llm: M.VideoLLM, records: list, args, *, stage: str, structured: bool, n_generate: int = 0) -> dict:
+def heldout_check(llm: M.VideoLLM, records: list, args, *, stage: str, prompt: dict, n_generate: int = 0) -> dict:
     """On held-out records: fit the ATC heads' thresholds (training.calibrate_atc: set on llm.alarm, saved with the
-    heads; accuracy at 0.5 and at the fitted threshold, AUROC) when the model has heads, and, for structured
-    prompts, the format rate of greedy answers on the first `n_generate` of them. No records: the thresholds
-    fall back to 0.5 and say why.
+    heads; accuracy at 0.5 and at the fitted threshold, AUROC) when the model has heads, and the format rate of
+    greedy answers on the first `n_generate` of them (prompt: the stage's prompt settings, recipe.prompt_kwargs).
+    No records: the thresholds fall back to 0.5 and say why.
 
     Under torchrun every rank takes every world-th batch with the whole model gathered (distributed.unsharded: greedy
     answers end at different lengths on different ranks), and the counts are summed over ranks."""
     rank, world = distributed.rank(), distributed.world_size()
     result, bs = {"heldout_n": len(records)}, args.batch_size
     if llm.alarm is not None:
-        result.update(T.calibrate_atc(llm, records, stage=stage, structured=structured, batch_size=bs, fps=args.fps,
+        result.update(T.calibrate_atc(llm, records, stage=stage, prompt=prompt, batch_size=bs, fps=args.fps,
                                       max_frames=args.max_frames))
-    if structured and n_generate:
+    if n_generate:
         from rewards import format_reward
 
         texts = []
         with distributed.unsharded(llm):
             for i in range(rank * bs, n_generate, bs * world):
                 new = getattr(args, "max_new_tokens", 256)
-                batch = D.collate(llm, records[i:min(i + bs, n_generate)], structured=True, with_target=False,
-                                  fps=args.fps, max_frames=args.max_frames, max_new_tokens=new)
+                batch = D.collate(llm, records[i:min(i + bs, n_generate)], with_target=False, fps=args.fps,
+                                  max_frames=args.max_frames, max_new_tokens=new, **prompt)
                 texts += M.generate(llm, batch, max_new_tokens=new)[1]
         n_format, n_texts = distributed.all_reduce_sum([sum(map(format_reward, texts)), len(texts)])
         result["heldout_format_rate"] = round(n_format / n_texts, 4)
@@ -244,6 +267,8 @@ def start(args, stage: str, structured: bool = False):
         T.say(f"{stage}: resuming from {resume['dir']} (phase {resume['phase']}, step {resume['step']})")
     llm = T.load_for_training(resume["dir"] if resume else args.model, device, trust_remote_code=args.trust_remote_code)
     T.apply_lora(llm, args, resume["dir"] if resume else None)  # --lora only
+    if note := RC.check_start(M.checkpoint_meta(args.model), args.recipe, stage):
+        T.say(note)
     if args.gradient_checkpointing:
         llm.model.gradient_checkpointing_enable()
     if world > 1:  # loaded whole on CPU by every rank; fully_shard moves each rank's shard to its device
@@ -259,17 +284,18 @@ def main(argv=None) -> dict:
     T.seed_everything(args.seed)
     llm, records, heldout, log, skipped, resume = start(args, "AT-SFT")
     common = dict(log=log, skipped=skipped, resume=resume)
+    prompt = RC.prompt_kwargs(args.recipe, "at_sft")
 
     steps = 0
     if args.two_phase and not (resume and resume["phase"] == "at_sft"):
         # the authors' stage 1, alarm init: LM loss only; LLM + alarm vectors
-        steps += train_sft(llm, args, records, phase="alarm_init", structured=False, use_atc=False,
+        steps += train_sft(llm, args, records, phase="alarm_init", prompt=prompt, use_atc=False,
                            train_alarm=True, train_heads=False, **common)
-    steps += train_sft(llm, args, records, phase="at_sft", structured=False, use_atc=True,
+    steps += train_sft(llm, args, records, phase="at_sft", prompt=prompt, use_atc=True,
                        train_alarm=True, train_heads=True, **common)
 
     summary = {"stage": "at_sft", "step": steps}
-    summary.update(heldout_check(llm, heldout, args, stage="at_sft", structured=False))  # thresholds fitted here
+    summary.update(heldout_check(llm, heldout, args, stage="at_sft", prompt=prompt))  # thresholds fitted here
     return T.finish(llm, args.out, vars(args), log, skipped, summary)
 
 

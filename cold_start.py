@@ -16,6 +16,9 @@ are frozen copies, but the LLM under them moved, so AT-SFT's cut no longer fits 
 Where we depart from the paper: opt-in `--lora` trains low-rank adapters on the LLM's projections instead of its
 weights (the paper fine-tunes the whole LLM), merged into the saved checkpoint (lora.py); one process only.
 
+`--recipe authors` (recipe.py): prompts as their stage 3 writes them, the record's query with no instruction (their
+CoT data carries whatever its human turns say), their loss scale, visual budget and cut at 8192 tokens.
+
 Run:
     python cold_start.py --model runs/demo/at_sft                 # after at_sft.py, on the demo data
     python cold_start.py --model runs/vsr1/at_sft --data vst_cold_start.jsonl --out runs/vsr1/cold_start \
@@ -27,6 +30,7 @@ Run:
 from __future__ import annotations
 
 import cli
+import recipe as RC
 import training as T
 from at_sft import get_args, heldout_check, start, train_sft
 
@@ -36,12 +40,13 @@ def main(argv=None) -> dict:
     T.seed_everything(args.seed)
     llm, records, heldout, log, skipped, resume = start(args, "cold start", structured=True)
 
-    steps = train_sft(llm, args, records, phase="cold_start", structured=True, use_atc=False,
+    prompt = RC.prompt_kwargs(args.recipe, "cold_start")  # paper: the instruction; authors: the query as written
+    steps = train_sft(llm, args, records, phase="cold_start", prompt=prompt, use_atc=False,
                       train_alarm=False, train_heads=False, log=log, skipped=skipped, resume=resume)
 
     summary = {"stage": "cold_start", "step": steps}
     # the frozen heads read a moved LLM: refit their thresholds; do greedy answers pass the format check?
-    summary.update(heldout_check(llm, heldout, args, stage="cold_start", structured=True,
+    summary.update(heldout_check(llm, heldout, args, stage="cold_start", prompt=prompt,
                                  n_generate=min(len(heldout), 16)))
     return T.finish(llm, args.out, vars(args), log, skipped, summary)
 

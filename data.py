@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+import recipe as RC
 from alarm import TEXTUAL_ALARM, VISUAL_ALARM
 from rewards import format_reward
 
@@ -318,24 +319,28 @@ def end_of_turn(processor) -> str:
     return "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else tok.eos_token
 
 
-def build_prompt(processor, query: str, *, has_video: bool, structured: bool, alarm: bool, n_images: int = 0) -> str:
+def build_prompt(processor, query: str, *, has_video: bool, structured: bool, alarm: bool, n_images: int = 0,
+                 template: str = "paper") -> str:
     """The user turn (video or `n_images` images, then query) through the model's chat template; with `structured`,
-    the structured-output instruction is the system turn.
+    the structured-output instruction: the system turn (template "paper"), or the authors' QUESTION_TEMPLATE +
+    TYPE_TEMPLATE after the query in the user turn, with no system turn (template "authors", recipe.py).
 
     Alarm tokens (when `alarm`): <|textual_alarm|> ends the user text, just before the end-of-turn token;
     <|visual_alarm|> goes right after the video block (after the last frame's tokens), or right after the last
     image's block. A text-only prompt gets both at the end of the text.
 
-    Why the instruction goes in the system turn: the textual alarm then follows the query itself in
+    Why the paper's instruction goes in the system turn: the textual alarm then follows the query itself in
     every stage's prompt (AT-SFT's plain prompts and the structured ones of cold start, GRPO and eval),
-    so the ATC heads trained in AT-SFT read the same local context later.
+    so the ATC heads trained in AT-SFT read the same local context later. The authors' textual alarm follows
+    their instruction instead (their processor puts it before the user turn's end).
     """
-    text, visual = query.strip(), has_video or n_images > 0
+    authors = structured and template == "authors"
+    text, visual = (RC.authors_question(query) if authors else query.strip()), has_video or n_images > 0
     if alarm:
         text += ("" if visual else VISUAL_ALARM) + TEXTUAL_ALARM
     content = ([{"type": "video"}] if has_video else []) + [{"type": "image"}] * n_images
     messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
-    if structured:
+    if structured and not authors:
         messages.insert(0, {"role": "system", "content": STRUCTURED_INSTRUCTION})
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if alarm and visual:
@@ -348,25 +353,32 @@ def build_prompt(processor, query: str, *, has_video: bool, structured: bool, al
     return prompt
 
 
-def serving_template(processor, *, structured: bool) -> str:
+def serving_template(processor, *, structured: bool, template: str = "paper") -> str:
     """The processor's chat template wrapped so that plain `apply_chat_template` writes what `build_prompt` writes:
     <|textual_alarm|> ends the first user turn's (trimmed) last text, <|visual_alarm|> goes after the last video
     (or, with no video, image) placeholder and its <|vision_end|>, both end the text of a text-only turn; with
-    `structured`, STRUCTURED_INSTRUCTION is the system turn when the messages have none. Saved in checkpoints
-    (model.save_checkpoint); the project itself keeps building prompts from the plain template."""
+    `structured`, STRUCTURED_INSTRUCTION is the system turn when the messages have none (template "paper"), or the
+    first user turn's last text is wrapped in the authors' templates (template "authors"; no system turn added).
+    Saved in checkpoints (model.save_checkpoint, with the recipe the checkpoint was trained with); the project
+    itself keeps building prompts from the plain template."""
     base = processor.chat_template
     vocab = processor.tokenizer.get_vocab()
     end = "<|vision_end|>" if "<|vision_end|>" in vocab else ""
     sysmsg = json.dumps(STRUCTURED_INSTRUCTION)
+    authors = structured and template == "authors"
+    q_pre, q_post = RC.QUESTION_TEMPLATE.split("{Question}")
+    # the user text as build_prompt writes it: trimmed (paper), or inside the authors' templates, then trimmed
+    user_text = ("(" + json.dumps(q_pre) + " ~ it['text'] ~ " + json.dumps(q_post + RC.TYPE_TEMPLATE) + ") | trim"
+                 if authors else "it['text'] | trim")
     pre = ("{%- set ns = namespace(msgs=[], first=true, vis='', c=[], vs=[]) -%}"
-           + ("{%- if messages[0]['role'] != 'system' -%}{%- set ns.msgs = [{'role': 'system', 'content': " + sysmsg + "}] -%}{%- endif -%}" if structured else "")
+           + ("{%- if messages[0]['role'] != 'system' -%}{%- set ns.msgs = [{'role': 'system', 'content': " + sysmsg + "}] -%}{%- endif -%}" if structured and not authors else "")
            + "{%- for m in messages -%}"
            "{%- if m['role'] == 'user' and ns.first and m['content'] is not string -%}"
            "{%- set ns.first = false -%}{%- set ns.c = [] -%}{%- set ns.vs = [] -%}"
            "{%- for it in m['content'] -%}{%- if it['type'] in ('video', 'image') -%}{%- set ns.vs = ns.vs + [it['type']] -%}{%- endif -%}{%- endfor -%}"
            "{%- set ns.vis = ('video' if 'video' in ns.vs else ('image' if ns.vs else '')) -%}"
            "{%- for it in m['content'] -%}{%- if it['type'] == 'text' and loop.last -%}"
-           "{%- set ns.c = ns.c + [{'type': 'text', 'text': it['text'] | trim ~ ('' if ns.vis else '" + VISUAL_ALARM + "') ~ '" + TEXTUAL_ALARM + "'}] -%}"
+           "{%- set ns.c = ns.c + [{'type': 'text', 'text': (" + user_text + ") ~ ('' if ns.vis else '" + VISUAL_ALARM + "') ~ '" + TEXTUAL_ALARM + "'}] -%}"
            "{%- else -%}{%- set ns.c = ns.c + [it] -%}{%- endif -%}{%- endfor -%}"
            "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': ns.c}] -%}"
            "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}{%- endfor -%}"
@@ -382,7 +394,8 @@ def serving_template(processor, *, structured: bool) -> str:
     return pre + base + post
 
 
-def conversation_tail(processor, target: str, turns: list, *, structured: bool) -> tuple[str, list[tuple[int, int]]]:
+def conversation_tail(processor, target: str, turns: list, *, structured: bool,
+                      template: str = "paper") -> tuple[str, list[tuple[int, int]]]:
     """What follows the first user turn's prompt in a multi-turn conversation: the first answer, then each later
     user turn and answer, as the model's chat template writes them. Returns (text, spans): spans are the
     (start, end) characters of each answer with its end-of-turn token, the parts the loss is on.
@@ -392,7 +405,7 @@ def conversation_tail(processor, target: str, turns: list, *, structured: bool) 
     supervised as written: DataError."""
     eot = end_of_turn(processor)
     user = lambda text: {"role": "user", "content": [{"type": "text", "text": text}]}
-    msgs = [{"role": "system", "content": STRUCTURED_INSTRUCTION}] if structured else []
+    msgs = [{"role": "system", "content": STRUCTURED_INSTRUCTION}] if structured and template != "authors" else []
     msgs += [user("."), {"role": "assistant", "content": target}]
     text, spans = target + eot, [(0, len(target + eot))]
     for question, answer in turns:
@@ -421,9 +434,72 @@ def max_length(llm) -> int:
     return int(min(n, tok))
 
 
+_unsupported_budget: set = set()  # processor families already told that the visual budget does not apply
+
+
+def visual_budget(processor, visual: tuple[int, int] | None) -> dict:
+    """Processor kwargs that set a visual budget (merge size, most visual tokens after merging), as the authors'
+    VideoLLaMA3 image processor does it: each frame is resized to multiples of patch × merge, the pixels of all a
+    video's frames together at most tokens × (patch × merge)² and each frame at least 16 merged tokens.
+    transformers' VideoLLaMA3 processors take exactly these knobs (merge_size; size = {shortest_edge: min pixels,
+    longest_edge: max pixels, divided over the frames}); an image gets the whole budget (theirs divides it over a
+    record's images: the same for one image). Other families (Qwen-VL: the merge size is part of the model) keep
+    their defaults, said once. None: {} (the processor's defaults, the paper's setting)."""
+    if not visual:
+        return {}
+    merge, tokens = visual
+    vp = getattr(processor, "video_processor", None)
+    if type(vp).__name__ != "VideoLlama3VideoProcessor":
+        family = type(processor).__name__
+        if family not in _unsupported_budget:
+            _unsupported_budget.add(family)
+            print(f"note: {family} has no merge-size / visual-token knobs; the authors' visual budget (merge {merge}, "
+                  f"{tokens} tokens) is not applied, its defaults are kept", file=sys.stderr)
+        return {}
+    f = vp.patch_size * merge
+    size = {"shortest_edge": RC.MIN_VISUAL_TOKENS * f * f, "longest_edge": tokens * f * f}
+    return {"videos_kwargs": {"merge_size": merge, "size": size}, "images_kwargs": {"merge_size": merge, "size": size}}
+
+
+def truncate_rows(llm, batch: dict, limit: int) -> dict:
+    """The authors' collator: every row cut to its first `limit` tokens (labels alike), said loudly per record.
+    A left-padded row keeps its first `limit` real tokens and is padded again on the left. A cut that reaches the
+    visual tokens or an alarm token would break the row (the model needs them all): DataError naming the record."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    n = mask.sum(1).tolist()
+    if max(n) <= limit:
+        return batch
+    keep = min(max(n), limit)
+    cfg, tok = llm.model.config, llm.tokenizer
+    needed = {getattr(cfg, "video_token_id", None), getattr(cfg, "image_token_id", None),
+              *tok.convert_tokens_to_ids([VISUAL_ALARM, TEXTUAL_ALARM])} - {None, tok.unk_token_id}
+    for b, r in enumerate(batch["records"]):
+        if n[b] > limit:
+            gone = ids[b, T - n[b] + limit:]
+            if any(int(t) in needed for t in gone.unique()):
+                raise DataError(f"record {r.id} ({r.where}): {n[b]} tokens; cutting it at {limit} (--recipe authors) "
+                                "would drop visual or alarm tokens")
+            print(f"truncated record {r.id} ({r.where}): {n[b]} -> {limit} tokens (--recipe authors: the authors' "
+                  f"collator cuts at {limit}; the end of its target is not trained on)", file=sys.stderr)
+    fill = {"input_ids": tok.pad_token_id, "labels": -100}
+    out = dict(batch)
+    for k, v in batch.items():
+        per_token = k in ("input_ids", "attention_mask", "labels") or k.endswith("token_type_ids")
+        if per_token and torch.is_tensor(v) and tuple(v.shape[:2]) == (B, T):
+            rows = []
+            for b in range(B):
+                seg = v[b, T - n[b]:T - n[b] + min(n[b], limit)]
+                pad = torch.full((keep - seg.shape[0], *seg.shape[1:]), fill.get(k, 0), dtype=v.dtype, device=v.device)
+                rows.append(torch.cat([pad, seg]))
+            out[k] = torch.stack(rows)
+    return out
+
+
 def collate(llm, records: list[Record], *, structured: bool, with_target: bool, no_video: bool = False,
             fps: float = FPS, max_frames: int = MAX_FRAMES, alarm: bool | None = None,
-            skip_bad: bool = False, skipped: dict | None = None, max_new_tokens: int = 0) -> dict | None:
+            skip_bad: bool = False, skipped: dict | None = None, max_new_tokens: int = 0, template: str = "paper",
+            visual: tuple[int, int] | None = None, truncate: int = 0) -> dict | None:
     """Turn records into one model batch (tensors on llm.device).
 
     with_target: append each record's target and the end-of-turn token, and set labels (-100 everywhere
@@ -437,6 +513,9 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     input (DataError naming every such record with its length, or skipped with skip_bad): cutting it to fit, as
     the authors' loader does, would silently drop the end of a query or of a target, and passing it on would
     run the model far past what it was trained for (and out of memory).
+    template, visual, truncate: the recipe's prompt settings (recipe.prompt_kwargs; the defaults are the paper's):
+    where the structured instruction goes (build_prompt), the visual budget (merge size, most visual tokens;
+    `visual_budget`), and, with a target, the length the authors' collator cuts rows to (`truncate_rows`; 0 = never).
     """
     proc = llm.processor
     alarm = llm.alarm is not None if alarm is None else alarm
@@ -452,7 +531,7 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
             pics = [] if no_video else [read_image(x, rid=r.id) for x in r.image or []]
             tail = None  # a multi-turn record's turns after the prompt (with_target): (text, answer spans)
             if r.turns:
-                tail = conversation_tail(proc, r.target, r.turns, structured=structured)
+                tail = conversation_tail(proc, r.target, r.turns, structured=structured, template=template)
         except DataError as e:  # named, never replaced by another record
             _bad(DataError(f"record {r.id} ({r.where}): {str(e).split(': ', 1)[-1]}"), skip_bad, skipped)
             continue
@@ -461,7 +540,7 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
             metas.append(video[1])
         images += pics
         text = build_prompt(proc, r.query, has_video=has_video, structured=structured, alarm=alarm,
-                            n_images=len(pics))
+                            n_images=len(pics), template=template)
         texts.append(text + (tail[0] if tail else r.target + eot if with_target else ""))
         tails.append(tail)
         kept.append(r)
@@ -471,10 +550,14 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     kw = dict(videos=videos, video_metadata=metas, do_sample_frames=False) if videos else {}
     if images:
         kw["images"] = images  # in prompt order, as the processors take them
+    if videos or images:
+        kw.update(visual_budget(proc, visual))
     proc.tokenizer.padding_side = "left"
     batch = dict(proc(text=texts, padding=True, return_tensors="pt", **kw))
     ids = batch["input_ids"]
-    lengths, limit = batch["attention_mask"].sum(1).tolist(), max_length(llm) - max_new_tokens
+    cut = truncate if with_target else 0  # the authors cut training rows only
+    lengths = [min(n, cut) if cut else n for n in batch["attention_mask"].sum(1).tolist()]
+    limit = max_length(llm) - max_new_tokens
     if too_long := [(r, n) for r, n in zip(records, lengths) if n > limit]:
         room = f" less {max_new_tokens} for the answer" if max_new_tokens else ""
         what = "prompt + target" if with_target else "prompt"
@@ -490,7 +573,8 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
         keep = [r for r in records if r.id not in bad_ids]
         return collate(llm, keep, structured=structured, with_target=with_target, no_video=no_video, fps=fps,
                        max_frames=max_frames, alarm=alarm, skip_bad=True, skipped=skipped,
-                       max_new_tokens=max_new_tokens) if keep else None
+                       max_new_tokens=max_new_tokens, template=template, visual=visual,
+                       truncate=truncate) if keep else None
     if alarm and (videos or images):  # the visual alarm must sit right after the expanded visual tokens
         _check_visual_alarm(llm, ids, records)
     out = {"model_keys": tuple(batch.keys()), "has_alarm": alarm, "records": records, **batch}
@@ -505,6 +589,8 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
                 raise DataError(f"record {r.id}: target does not tokenise the same alone and after the prompt")
             labels[row, -len(tgt):] = ids[row, -len(tgt):]  # left padding: the target ends every row
         out["labels"] = labels
+        if cut:
+            out = truncate_rows(llm, out, cut)
     out["video_label"] = torch.tensor([r.video_label for r in records], dtype=torch.float32)
     out["text_label"] = torch.tensor([r.text_label for r in records], dtype=torch.float32)
     return {k: (v.to(llm.device) if torch.is_tensor(v) else v) for k, v in out.items()}

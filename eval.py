@@ -57,6 +57,7 @@ import demo
 import judges
 import outdir
 import plots
+import recipe as RC
 import rewards
 from data import DataError, collate, load_records, structured_target
 from judges import Verdict
@@ -86,6 +87,8 @@ def parse_args(argv=None):
     g.add_argument("--plain-prompt", action="store_true", help="ask the bare query, without the structured-output "
                    "instruction (format rate and tag accuracies then mean little)")
     g.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, else fp32)")
+    RC.add_flag(g, default=None, help_extra="; the prompt a checkpoint was trained with (default: the recipe in its "
+                "videosafety_meta.json, paper for any other model)")
     g = p.add_argument_group("generation")
     g.add_argument("--batch-size", type=cli.positive_int, default=8, help="prompts per generate call")
     g.add_argument("--max-new-tokens", type=cli.positive_int, default=MAX_NEW_TOKENS, help="completion length limit; 768 is the "
@@ -490,7 +493,11 @@ def evaluate(args) -> dict:
     check_model_path(args.model, "--model")
     outdir.lock(out)  # one run per folder: a second eval into it stops here
     suffix = ".no_video" if args.no_video else ""
-    weights = rewards.reward_weights(checkpoint_meta(args.model).get("args", {}))  # the run's DRA weights
+    meta = checkpoint_meta(args.model)
+    weights = rewards.reward_weights(meta.get("args", {}))  # the run's DRA weights
+    args.recipe = args.recipe or RC.of_checkpoint(meta)  # the prompt it was trained with
+    stage = meta.get("stage") if meta.get("stage") in ("cold_start", "grpo") else "eval"
+    prompt = {**RC.prompt_kwargs(args.recipe, stage), **({"structured": False} if args.plain_prompt else {})}
     config = {**{k: v for k, v in vars(args).items() if k not in ("compare",)}, "reward_weights": weights}
 
     skipped: dict = {}  # bad records left out with --skip-bad-records: where -> why
@@ -516,9 +523,9 @@ def evaluate(args) -> dict:
             for i in range(0, len(todo), args.batch_size):
                 chunk = todo[i : i + args.batch_size]
                 # the alarm tokens go into the prompt iff llm.alarm is not None (collate decides)
-                batch = collate(llm, chunk, structured=not args.plain_prompt, with_target=False, no_video=args.no_video,
-                                fps=args.fps, max_frames=args.max_frames, skip_bad=args.skip_bad_records,
-                                skipped=skipped, max_new_tokens=args.max_new_tokens)
+                batch = collate(llm, chunk, with_target=False, no_video=args.no_video, fps=args.fps,
+                                max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped,
+                                max_new_tokens=args.max_new_tokens, **prompt)
                 bar.update(len(chunk) - (len(batch["records"]) if batch else 0))  # undecodable media, skipped
                 if batch is None:
                     continue
@@ -526,7 +533,7 @@ def evaluate(args) -> dict:
                 with torch.no_grad():
                     _, responses = generate(llm, batch, max_new_tokens=args.max_new_tokens,
                                             do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                                            top_p=args.top_p)
+                                            top_p=args.top_p, top_k=RC.get(args.recipe).top_k)
                     probs = [[None] * len(chunk)] * 2
                     if llm.alarm is not None:  # ATC heads read the prompt's alarm positions: one prompt forward
                         fwd = llm.forward(batch, need_lm=False)

@@ -41,8 +41,13 @@ Where we depart from the authors' code (an old TRL GRPOTrainer fork, 8 GPUs × 1
   --passes > 1; with one pass π_old = π_θ.detach(), as in their code and TRL (the tests check both agree).
   Like theirs, log-probs are the model's at temperature 1 without the top-p cut: the ratio is π_θ/π_old, not
   a correction for the truncated sampler (the paper samples at temperature 1.0, top_p 0.95).
-- A group whose rewards are all equal gets A = 0 exactly (theirs: 0/(0+1e-4), equal up to rounding); such groups
-  are counted in the logs. std is the unbiased one (torch's default), as in their code.
+- A group whose rewards are all equal gets A = 0 exactly. Theirs computes the formula in float32 as it comes out: the
+  mean of equal rewards can be one ulp off, so six rewards of 3.1 (the ceiling, frequent late in training) give
+  A ≈ −2.4e-3 each, not 0 (`--recipe authors` reproduces it). Such groups are counted in the logs. std is the
+  unbiased one (torch's default), as in their code.
+- `--recipe authors` (recipe.py) also takes their prompt (no system turn; their QUESTION_TEMPLATE + TYPE_TEMPLATE
+  after the query, the textual alarm after that), top-k 50 before top-p 0.95, and their visual budget (merge 8, at
+  most 5000 visual tokens, VideoLLaMA3 processors).
 - Rewards come from rewards.py (tag counting, multilingual ROUGE; see there). Their KL clamp
   (ref − logp clipped to [−10, 10] before exp) is kept.
 - Opt-in `--lora` (the paper fine-tunes the whole LLM): only the policy gets adapters (lora.py), merged into the
@@ -66,6 +71,7 @@ import demo
 import distributed
 import lora
 import model as M
+import recipe as RC
 import rewards as R
 import rollout
 import training as T
@@ -93,8 +99,9 @@ def parse_args(argv=None):
                    "completion (paper: 768)")
     g.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--top-p", type=cli.probability, default=0.95, help="nucleus sampling (paper: 0.95)")
-    g.add_argument("--top-k", type=cli.nonneg_int, default=0, help="keep the k most likely tokens before top-p (0 = off, "
-                   "the paper's stated setting; with k the nucleus is found among k candidates, much cheaper)")
+    g.add_argument("--top-k", type=cli.nonneg_int, default=None, help="keep the k most likely tokens before top-p (0 = off, "
+                   "the paper's stated setting; with k the nucleus is found among k candidates, much cheaper; "
+                   "default: the recipe's, paper 0, authors 50)")
     g = p.add_argument_group("reward (DRA)")
     g.add_argument("--alpha-min", type=cli.nonneg_float, default=R.ALPHA_MIN, help="ROUGE weight when both labels are right "
                    "(paper: 0.1)")
@@ -120,6 +127,7 @@ def parse_args(argv=None):
     g.add_argument("--max-grad-norm", type=cli.positive_float, default=5.0, help="gradient clipping norm (paper: 5)")
     g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO, help="share of optimizer steps of linear "
                    "warmup before cosine decay (paper: 0.03)")
+    RC.add_flag(p.add_argument_group("recipe"))
     cli.add_video_flags(p)
     cli.add_lora_flags(p)
     cli.add_snapshot_flags(p, resume_help="continue from OUT/resume: weights, optimizer, scheduler, RNG, step "
@@ -129,6 +137,8 @@ def parse_args(argv=None):
     if args.alpha_min > args.alpha_max:
         p.error(f"--alpha-min {args.alpha_min} is above --alpha-max {args.alpha_max}: DRA raises the ROUGE weight "
                 "when a label is wrong")
+    if args.top_k is None:
+        args.top_k = RC.get(args.recipe).top_k
     args.data = args.data or demo.demo_split("grpo")
     args.eval_data = args.eval_data or (demo.demo_split("eval") if args.eval_records else None)
     return args
@@ -138,11 +148,25 @@ def parse_args(argv=None):
 # The pieces of GRPO, each a small pure function
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, eps: float = ADV_EPS, equal_groups: str = "zero") -> torch.Tensor:
     """A_i = (r_i − mean(r)) / (std(r) + eps) for one group (G,) -> (G,). std is unbiased (n − 1), torch's default
-    and the authors'. A group whose rewards are all equal carries no signal: A = 0 exactly."""
+    and the authors'. equal_groups "zero" (the paper's reading, the default): a group whose rewards are all equal
+    carries no signal, A = 0 exactly. "float32" (the authors' code): the formula as float32 computes it, where the
+    mean of equal rewards can be off by one ulp: six rewards of 3.1 give A ≈ −2.4e-3 each, not 0."""
+    if equal_groups == "float32":
+        r = rewards.float()
+        return (r - r.mean()) / (r.std() + eps)  # (G,), no special case, as theirs
     A = (rewards - rewards.mean()) / (rewards.std() + eps)  # (G,)
     return torch.zeros_like(A) if bool((rewards == rewards[0]).all()) else A
+
+
+def authors_rewards(parts: dict, gamma_v: float, gamma_t: float) -> torch.Tensor:
+    """The rewards as the authors' trainer adds them up: their two reward functions, accuracy = α·r_ROUGE + γ_v·r_v
+    + γ_t·r_t (Python floats) and format, each stored as float32, then summed in float32. (G,)"""
+    acc = [a * r + gamma_v * v + gamma_t * t for a, r, v, t in zip(parts["alpha"], parts["rouge"], parts["video"],
+                                                                   parts["text"])]
+    per_func = torch.stack([torch.tensor(acc, dtype=torch.float32), torch.tensor(parts["format"], dtype=torch.float32)], 1)
+    return per_func.sum(1)  # (G,)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -203,9 +227,9 @@ def rollout_groups(policy: M.VideoLLM, ref: M.VideoLLM | None, records: list[D.R
     its completions are those of sampling it alone after torch.manual_seed(seed). A record whose video cannot be
     decoded (with --skip-bad-records) gives an empty group (`empty_group`), in its place."""
     G = args.group_size
-    prompts = [D.collate(policy, [record], structured=True, with_target=False, fps=args.fps,
-                         max_frames=args.max_frames, skip_bad=args.skip_bad_records, skipped=skipped,
-                         max_new_tokens=args.max_completion_length)  # decoded once; too long for the model: bad input
+    prompts = [D.collate(policy, [record], with_target=False, fps=args.fps, max_frames=args.max_frames,
+                         skip_bad=args.skip_bad_records, skipped=skipped, max_new_tokens=args.max_completion_length,
+                         **RC.prompt_kwargs(args.recipe, "grpo"))  # decoded once; too long for the model: bad input
                for record in records]
     ready = [i for i, p in enumerate(prompts) if p is not None]  # a skipped one is named in `skipped` and the log
     with T.autocast(policy.device):
@@ -233,8 +257,11 @@ def score_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, pr
     totals, parts = R.safety_rewards(texts, [record.target] * G, [record.video_label] * G, [record.text_label] * G,
                                      alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                      gamma_v=args.gamma_v, gamma_t=args.gamma_t)
-    rewards = torch.tensor(totals, dtype=torch.float32, device=policy.device)  # (G,)
-    return Group(batch, completion, mask, old_logp, ref_logp, rewards, group_advantages(rewards), parts, texts)
+    rc = RC.get(args.recipe)
+    rewards = (authors_rewards(parts, args.gamma_v, args.gamma_t) if rc.equal_groups == "float32" else
+               torch.tensor(totals, dtype=torch.float32)).to(policy.device)  # (G,)
+    return Group(batch, completion, mask, old_logp, ref_logp, rewards,
+                 group_advantages(rewards, equal_groups=rc.equal_groups), parts, texts)
 
 
 def empty_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, args) -> Group:
@@ -243,7 +270,7 @@ def empty_group(policy: M.VideoLLM, ref: M.VideoLLM | None, record: D.Record, ar
     is a collective, so every rank must run as many of them (π_ref's here, the policy's in `update`): its forwards
     read an empty query (no video) and one masked-out token."""
     stand_in = dataclasses.replace(record, query="", video=None, image=None)  # the record may be too long to read
-    batch = D.collate(policy, [stand_in], structured=True, with_target=False, no_video=True)
+    batch = D.collate(policy, [stand_in], with_target=False, no_video=True, **RC.prompt_kwargs(args.recipe, "grpo"))
     completion = torch.full((1, 1), policy.eot_id, device=policy.device)  # (1, 1)
     mask = torch.zeros_like(completion, dtype=torch.bool)  # (1, 1): nothing counts
     with T.autocast(policy.device):
@@ -296,7 +323,7 @@ def rollout_metrics(groups: list[Group]) -> dict:
     each = lambda values_of: [v for g in groups for v in values_of(g)]  # one value per completion
     lists = {"reward": each(lambda g: g.rewards.tolist()),
              "reward_std": [float(g.rewards.std()) for g in groups],  # within-group spread: the signal
-             "zero_var_groups": [float(bool((g.advantages == 0).all())) for g in groups]}
+             "zero_var_groups": [float(bool((g.rewards == g.rewards[0]).all())) for g in groups]}  # all equal
     names = (("format", "format_rate"), ("rouge", "rouge"), ("video", "video_acc"), ("text", "text_acc"),
              ("alpha", "alpha"))
     for part, name in names:
@@ -334,6 +361,8 @@ def main(argv=None) -> dict:
     load = dict(trust_remote_code=args.trust_remote_code)  # under torchrun: whole on CPU, then each rank its shard
     policy = T.load_for_training(resume["dir"] if resume else args.model, device, **load)
     T.apply_lora(policy, args, resume["dir"] if resume else None)  # --lora: the policy only, never π_ref
+    if note := RC.check_start(M.checkpoint_meta(start_model), args.recipe, "GRPO"):
+        T.say(note)
     ref = None
     if args.beta > 0:  # π_ref: a frozen copy of the start point
         ref = T.load_for_training(start_model, device, **load)
@@ -389,8 +418,8 @@ def main(argv=None) -> dict:
 
     summary = {"stage": "grpo", "steps": steps, "note": ONE_PASS_NOTE if args.passes == 1 else ""}
     if policy.alarm is not None:  # the frozen heads read a moved LLM: refit their thresholds on held-out prompts
-        summary.update(heldout_n=len(heldout), **T.calibrate_atc(policy, heldout, stage="grpo", structured=True,
-                       batch_size=args.batch_size, fps=args.fps, max_frames=args.max_frames))
+        summary.update(heldout_n=len(heldout), **T.calibrate_atc(policy, heldout, stage="grpo",
+                       prompt=RC.prompt_kwargs(args.recipe, "grpo"), batch_size=args.batch_size, fps=args.fps, max_frames=args.max_frames))
     return T.finish(policy, args.out, vars(args), log, skipped, summary)  # logs it (skipped records by name), saves OUT
 
 

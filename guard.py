@@ -40,6 +40,7 @@ import torch
 import cli
 import data as D
 import model as M
+import recipe as RC
 from alarm import ALARM_FILE, DEFAULT_THRESHOLD, auroc
 
 HEADS = (("video", "video_label"), ("text", "text_label"))  # the two ATC heads and the record label each predicts
@@ -55,7 +56,8 @@ class Guard:
         if llm.alarm is None:
             raise D.DataError(self.NO_HEADS.format(llm.source))
         self.llm, self.fps, self.max_frames = llm, fps, max_frames
-        self.structured = llm.meta.get("stage") in M.STRUCTURED_STAGES  # the prompts its heads were calibrated on
+        stage = llm.meta.get("stage")  # the prompts its heads were calibrated on: the stage's, under its recipe
+        self.prompt = RC.prompt_kwargs(RC.of_checkpoint(llm.meta), stage if stage in M.STRUCTURED_STAGES else "at_sft")
         self.thresholds = {"video": llm.alarm.thresholds["v"], "text": llm.alarm.thresholds["t"]}
         llm.model.eval()
 
@@ -79,8 +81,8 @@ class Guard:
     @torch.no_grad()
     def classify(self, records: list[D.Record]) -> list[dict]:
         """p(harmful) of both heads and the decisions for each record, from one forward of the batch."""
-        batch = D.collate(self.llm, records, structured=self.structured, with_target=False, fps=self.fps,
-                          max_frames=self.max_frames)
+        batch = D.collate(self.llm, records, with_target=False, fps=self.fps, max_frames=self.max_frames,
+                          **self.prompt)
         out = self.llm.forward(batch, need_lm=False)  # prompt only: no LM head, no generation
         p_v = torch.sigmoid(out["logit_v"].float()).tolist()  # (B,) p(harmful) = σ(logit)
         p_t = torch.sigmoid(out["logit_t"].float()).tolist()

@@ -31,6 +31,7 @@ import data
 import demo
 import distributed
 import lora
+import recipe
 from alarm import ALARM_FILE, SafetyAlarm, add_alarm_tokens
 
 META_FILE = "videosafety_meta.json"  # the stage, its config and step, beside the weights of every checkpoint
@@ -280,8 +281,10 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
         with open(os.path.join(tmp, PLAIN_TEMPLATE_FILE), "w") as f:
             f.write(plain)
         with open(os.path.join(tmp, TEMPLATE_FILE), "w") as f:
-            structured = (meta or {}).get("stage") in STRUCTURED_STAGES
-            f.write(data.serving_template(llm.processor, structured=structured) if llm.alarm is not None else plain)
+            stage = (meta or {}).get("stage")  # the prompt this checkpoint was trained with (recipe.py)
+            p = recipe.prompt_kwargs(recipe.of_checkpoint(meta), stage) if stage in STRUCTURED_STAGES else {}
+            f.write(data.serving_template(llm.processor, structured=p.get("structured", False),
+                                          template=p.get("template", "paper")) if llm.alarm is not None else plain)
         if llm.alarm is not None:
             llm.alarm.save(tmp)
         with open(os.path.join(tmp, META_FILE), "w") as f:

@@ -37,7 +37,7 @@ def ckpt(tmp_path_factory):
 
 def test_guard_is_the_forward_atc_heads_in_one_prefill(ckpt, demo_dir, text_record, image_records, monkeypatch):
     g = G.Guard.load(ckpt, device="cpu", dtype=torch.float32)
-    assert g.structured and g.thresholds == {"video": 0.37, "text": 0.61}  # from alarm.safetensors
+    assert g.prompt["structured"] and g.thresholds == {"video": 0.37, "text": 0.61}  # from alarm.safetensors
     recs = data.load_records(os.path.join(demo_dir, "eval.jsonl"))[:3] + [text_record, image_records[0]]
     prefills = []
     backbone = g.llm.backbone

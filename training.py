@@ -197,10 +197,11 @@ def load_train_state(directory: str, optimizer, scheduler, llm: M.VideoLLM | Non
 
 
 @torch.no_grad()
-def atc_probabilities(llm: M.VideoLLM, records: list, *, structured: bool, batch_size: int, fps: float = D.FPS,
+def atc_probabilities(llm: M.VideoLLM, records: list, *, prompt: dict, batch_size: int, fps: float = D.FPS,
                       max_frames: int = D.MAX_FRAMES) -> dict:
     """p(harmful) of both ATC heads on every record (one prompt forward per batch, no generation), with the labels:
-    {"v": (labels, probs), "t": (labels, probs)}, lists in `records` order.
+    {"v": (labels, probs), "t": (labels, probs)}, lists in `records` order. prompt: data.collate's prompt settings
+    (recipe.prompt_kwargs of the stage), so the heads read the prompts the stage trains on.
 
     Under torchrun each rank runs every world-th batch with the whole model gathered, and the probabilities are
     summed over ranks into full-length lists (each rank fills only its rows), so every rank gets all of them."""
@@ -208,8 +209,8 @@ def atc_probabilities(llm: M.VideoLLM, records: list, *, structured: bool, batch
     probs = [0.0] * (2 * n)  # video head's then text head's, this rank's rows filled
     with distributed.unsharded(llm), M.eval_mode(llm):
         for i in range(rank * batch_size, n, batch_size * world):
-            batch = D.collate(llm, records[i:i + batch_size], structured=structured, with_target=False, fps=fps,
-                              max_frames=max_frames)
+            batch = D.collate(llm, records[i:i + batch_size], with_target=False, fps=fps, max_frames=max_frames,
+                              **prompt)
             out = llm.forward(batch, need_lm=False)
             for k, key in enumerate(("logit_v", "logit_t")):
                 p = torch.sigmoid(out[key].float()).tolist()  # (B,) p(harmful) = σ(logit)
@@ -218,16 +219,16 @@ def atc_probabilities(llm: M.VideoLLM, records: list, *, structured: bool, batch
     return {"v": ([r.video_label for r in records], probs[:n]), "t": ([r.text_label for r in records], probs[n:])}
 
 
-def calibrate_atc(llm: M.VideoLLM, records: list, *, stage: str, structured: bool, batch_size: int,
+def calibrate_atc(llm: M.VideoLLM, records: list, *, stage: str, prompt: dict, batch_size: int,
                   fps: float = D.FPS, max_frames: int = D.MAX_FRAMES) -> dict:
     """Fit each ATC head's threshold on held-out `records` (alarm.fit_threshold: max balanced accuracy; 0.5 with
     the reason when it cannot be fitted) and set it on llm.alarm, which save_checkpoint writes into
     alarm.safetensors. Every stage refits: the heads may be frozen, but the LLM under them moves (cold start, GRPO),
-    so the old cut drifts while the ranking (AUROC) holds. Prompts as the stage trains them (`structured`).
+    so the old cut drifts while the ranking (AUROC) holds. Prompts as the stage trains them (`prompt`).
     Returns the summary's numbers per head h: heldout_atc_h_acc (at 0.5), heldout_atc_h_acc_fit (at the fitted
     threshold), heldout_atc_h_auroc, threshold_h."""
     out = {}
-    scores = atc_probabilities(llm, records, structured=structured, batch_size=batch_size, fps=fps,
+    scores = atc_probabilities(llm, records, prompt=prompt, batch_size=batch_size, fps=fps,
                                max_frames=max_frames) if records else {h: ([], []) for h in A.HEADS}
     for h in A.HEADS:
         labels, probs = scores[h]
