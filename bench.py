@@ -357,8 +357,8 @@ VIDEOLLAMA3_2B = {
                  intermediate_size=8960, vocab_size=151936, rope_theta=1e6, tie_word_embeddings=True),
     "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, patch_size=14),
 }
-REAL_DTYPE = torch.bfloat16  # the measured weights (CPU runs bf16 matmuls); peft keeps the adapters fp32
-ADAPTER_BYTES = 4  # peft's autocast_adapter_dtype: LoRA A and B in fp32 over a bf16 base
+REAL_DTYPE = torch.bfloat16  # the measured weights (CPU runs bf16 matmuls)
+ADAPTER_BYTES = REAL_DTYPE.itemsize  # peft.inject_adapter_in_model makes LoRA A and B in the base layer's dtype
 STAGES = {"sft": dict(train_llm=True, train_alarm=True, train_heads=True),  # AT-SFT: LLM, alarm vectors, heads
           "grpo": dict(train_llm=True, train_alarm=False, train_heads=False)}  # GRPO: the LLM only
 
@@ -525,7 +525,7 @@ def gpu_estimate(stage: str, use_lora: bool, r1: dict, r2: dict, arith: dict, la
     return {"activations_bytes": act_real, "params_one_model": one_model, "frozen_params": frozen,
             "trained_params": base_trained + small_trained,
             "as_code_runs": frozen * 4 + (base_trained + small_trained) * 16 + act_real,
-            "bf16_base": frozen * 2 + base_trained * 12 + small_trained * 16 + act_real}
+            "bf16_base": frozen * 2 + base_trained * 12 + small_trained * 16 + act_real}  # adapters kept fp32
 
 
 def real_table(out: dict) -> str:
