@@ -80,6 +80,8 @@ def parse_args(argv=None):
     g.add_argument("--scale", type=cli.positive_int, default=1, help="divide every width and the vocabulary by this "
                    "(1: the real widths; 8 for a quick test; the vision encoder's heads are divided too)")
     g.add_argument("--text-tokens", type=cli.positive_int, default=256, help="target tokens of the SFT step's sample")
+    g.add_argument("--vision-layers", type=cli.positive_int, default=None, help="layers of the vision encoder (default: "
+                   "the real 27; fewer only for a quick test: the LLM's figures do not depend on it)")
     g = p.add_argument_group("run")
     g.add_argument("--steps", type=cli.positive_int, default=1, help="measured GRPO steps per path (after one short warm-up step "
                    "each)")
@@ -363,7 +365,7 @@ STAGES = {"sft": dict(train_llm=True, train_alarm=True, train_heads=True),  # AT
           "grpo": dict(train_llm=True, train_alarm=False, train_heads=False)}  # GRPO: the LLM only
 
 
-def real_config(layers: int, scale: int, ids: dict):
+def real_config(layers: int, scale: int, ids: dict, vision_layers: int | None = None):
     """VIDEOLLAMA3_2B with `layers` LLM layers and every width (and the vocabulary) divided by `scale`."""
     from transformers import VideoLlama3Config
 
@@ -372,6 +374,8 @@ def real_config(layers: int, scale: int, ids: dict):
         for key in ("hidden_size", "intermediate_size", "vocab_size"):
             if key in cfg:
                 cfg[key] //= scale
+    if vision_layers:
+        vision["num_hidden_layers"] = vision_layers
     vision["num_attention_heads"] //= scale  # its 2-D rotary embedding needs the head width a multiple of 4: kept 72
     if scale not in (1, 2, 4, 8, 16):
         raise SystemExit(f"bench.py: --scale {scale}: use 1, 2, 4, 8 or 16 (the head counts must divide)")
@@ -382,7 +386,7 @@ def real_config(layers: int, scale: int, ids: dict):
                              tie_word_embeddings=text["tie_word_embeddings"])
 
 
-def build_real(layers: int, scale: int, seed: int, tiny: M.VideoLLM) -> M.VideoLLM:
+def build_real(layers: int, scale: int, seed: int, tiny: M.VideoLLM, vision_layers: int | None = None) -> M.VideoLLM:
     """The real-size architecture with random weights in REAL_DTYPE and the tiny VideoLLaMA3's processor (same
     family, same special tokens; its ids fit the real vocabulary), alarm tokens added as load_model does."""
     from transformers import VideoLlama3ForConditionalGeneration
@@ -391,7 +395,7 @@ def build_real(layers: int, scale: int, seed: int, tiny: M.VideoLLM) -> M.VideoL
     ids = {"bos": cfg.text_config.bos_token_id, "eos": cfg.text_config.eos_token_id,
            "pad": cfg.text_config.pad_token_id, "image": cfg.image_token_id, "video": cfg.video_token_id}
     torch.manual_seed(seed)
-    hf = VideoLlama3ForConditionalGeneration._from_config(real_config(layers, scale, ids), dtype=REAL_DTYPE)
+    hf = VideoLlama3ForConditionalGeneration._from_config(real_config(layers, scale, ids, vision_layers), dtype=REAL_DTYPE)
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = ids["eos"], ids["pad"]
     return M.VideoLLM(model=hf, processor=tiny.processor, alarm=A.add_alarm_tokens(hf, tok), source="real-size")
 
@@ -418,7 +422,7 @@ def real_step(stage: str, use_lora: bool, layers: int, args, tiny: M.VideoLLM) -
     model was built (so weights, gradients, AdamW states and activations are all in it), and the tensors' bytes."""
     gc.collect()
     base = _rss()
-    policy = build_real(layers, args.scale, args.seed, tiny)
+    policy = build_real(layers, args.scale, args.seed, tiny, args.vision_layers)
     if use_lora:
         lora.wrap(policy.model)
     M.set_trainable(policy, **STAGES[stage])
@@ -426,7 +430,7 @@ def real_step(stage: str, use_lora: bool, layers: int, args, tiny: M.VideoLLM) -
     optimizer = torch.optim.AdamW(M.param_groups(policy, 1e-6, 1e-5, 1e-5, 0.01))
     record = D.Record(id="real", query="What is happening in this video, and is it safe to imitate?",
                       video=args.video, target=_text_of(policy, args.text_tokens), video_label=1, text_label=0)
-    ref = build_real(layers, args.scale, args.seed + 1, tiny) if stage == "grpo" else None  # π_ref: its own frozen copy
+    ref = build_real(layers, args.scale, args.seed + 1, tiny, args.vision_layers) if stage == "grpo" else None  # π_ref: its own frozen copy
     with PeakMemory(torch.device("cpu")) as mem:
         if stage == "sft":
             batch = D.collate(policy, [record], structured=True, with_target=True, fps=1.0, max_frames=args.frames)

@@ -28,7 +28,7 @@ def test_real_size_smoke(tmp_path):
     """--mode real-size at width / 16 and 1-2 LLM layers: every run reports its fit and GPU estimate, and LoRA's
     trained parameters and AdamW state bytes are below full fine-tuning's and equal the config arithmetic exactly."""
     out = tmp_path / "real.json"
-    bench.main(["--mode", "real-size", "--scale", "16", "--layers", "1", "2", "--text-tokens", "32",
+    bench.main(["--mode", "real-size", "--scale", "16", "--layers", "1", "2", "--text-tokens", "32", "--vision-layers", "1",
                 "--json", str(out)])
     real = json.loads(out.read_text())["real_size"]
     assert set(real["runs"]) == {"sft_full", "sft_lora", "grpo_full", "grpo_lora"} and real["real_layers"] == 28
