@@ -95,17 +95,22 @@ def tiny_name(request):
     return request.param
 
 
-@pytest.fixture(scope="session")
-def llm(tiny_name):
-    """A tiny model with alarm tokens, fp32 on CPU. Alarm vectors and ATC heads are set to known random
-    values (the official zero init would make an embedding-swap test pass by accident)."""
-    m = model.load_model(tiny_name, device="cpu", dtype=torch.float32)
-    g = torch.Generator().manual_seed(1234)
+def randomize_alarm(m, seed: int) -> None:
+    """Alarm vectors and ATC heads set to known random values (the official zero init would make an
+    embedding-swap test pass by accident)."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         m.alarm.vectors.copy_(torch.randn(m.alarm.vectors.shape, generator=g))
         for head in (m.alarm.head_v, m.alarm.head_t):
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.5)
             head.bias.copy_(torch.randn(head.bias.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_name):
+    """A tiny model with alarm tokens, fp32 on CPU, its alarm vectors and ATC heads random (randomize_alarm)."""
+    m = model.load_model(tiny_name, device="cpu", dtype=torch.float32)
+    randomize_alarm(m, 1234)
     model.set_trainable(m, train_llm=False, train_alarm=False, train_heads=False)
     return m
 

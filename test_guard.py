@@ -14,6 +14,7 @@ import data
 import demo
 import guard as G
 import model
+from conftest import randomize_alarm
 
 THRESHOLDS = {"v": 0.37, "t": 0.61}
 
@@ -23,12 +24,7 @@ def ckpt(tmp_path_factory):
     """A tiny-videollama3 GRPO-stage checkpoint (structured prompts) with known random alarm vectors and heads and
     thresholds that are not 0.5."""
     llm = model.load_model("tiny-videollama3", device="cpu", dtype=torch.float32)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        llm.alarm.vectors.copy_(torch.randn(llm.alarm.vectors.shape, generator=g))
-        for head in (llm.alarm.head_v, llm.alarm.head_t):
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.5)
-            head.bias.copy_(torch.randn(head.bias.shape, generator=g))
+    randomize_alarm(llm, 11)
     llm.alarm.thresholds = dict(THRESHOLDS)
     out = str(tmp_path_factory.mktemp("guard") / "grpo")
     model.save_checkpoint(llm, out, meta={"stage": "grpo"})
