@@ -112,7 +112,8 @@ def test_every_bad_number_is_an_argparse_error(capsys):
         for value in BAD.get(what, []):
             p = parsers()[name]
             with pytest.raises(SystemExit) as e:
-                p.parse_args([action.option_strings[0], value])
+                n = action.nargs if isinstance(action.nargs, int) else 1  # --layers A B: both bad
+                p.parse_args([action.option_strings[0], *[value] * n])
             assert e.value.code == 2
             err = capsys.readouterr().err
             assert action.option_strings[0] in err and what in err, err
