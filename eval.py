@@ -303,7 +303,9 @@ def render_seeds(names: list[str], summaries: list[dict]) -> str:
     def cell(c, kind):
         if c is None:
             return "–"
-        if kind == "n" or c["min"] == c["max"]:
+        if kind == "n":  # a count: the same in every run of one split
+            return str(round(c["mean"])) if c["min"] == c["max"] else f"{round(c['mean'])} [{c['min']}–{c['max']}]"
+        if c["min"] == c["max"]:
             return fmt(c["mean"], kind)
         return f"{fmt(c['mean'], kind)} [{fmt(c['min'], kind)}–{fmt(c['max'], kind)}]"
     stages = list(combined)
