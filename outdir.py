@@ -27,13 +27,19 @@ class OutputBusy(RuntimeError):
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process holding a lock still runs. A killed process not yet reaped by its parent (a zombie:
+    e.g. a SIGKILLed torchrun worker) still answers kill(pid, 0) but holds nothing: dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # "pid (name) state ...": the state follows the last ')'
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): kill's answer stands
+        return True
 
 
 def check_folder(out: str, what: str = "--out") -> None:

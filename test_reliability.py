@@ -308,3 +308,15 @@ def test_resumed_log_continues_from_the_snapshot_step(tmp_path):
     steps = [(r["phase"], r["step"]) for r in rows if "step" in r]
     assert steps == [("alarm_init", 1), ("alarm_init", 2), ("at_sft", 1), ("at_sft", 2), ("at_sft", 3)]
     assert rows[0] == {"config": {"lr": 1}} and rows[5] == {"config": {"lr": 1}, "resumed_at_step": 2}
+
+
+def test_a_killed_but_unreaped_process_holds_no_lock():
+    """A SIGKILLed run's process that its parent has not reaped yet (a zombie) still answers kill(pid, 0); its lock
+    is stale all the same."""
+    child = subprocess.Popen(["sleep", "0"])
+    deadline = time.time() + 10
+    while time.time() < deadline and outdir._alive(child.pid):  # exits at once; not waited for: a zombie
+        time.sleep(0.05)
+    assert not outdir._alive(child.pid)
+    child.wait()
+    assert outdir._alive(os.getpid())
