@@ -101,8 +101,7 @@ def get_args(argv=None, stage: str = "at_sft", doc: str = __doc__, **defaults):
     args = p.parse_args(argv)
     if stage == "at_sft" and args.recipe == "authors":
         args.two_phase = True  # their stage 1 (alarm init) then stage 2, as two runs of train.py
-    args.data = args.data or demo.demo_split(stage)
-    args.eval_data = args.eval_data or (demo.demo_split("eval") if args.eval_records else None)
+    demo.fill_splits(args, stage)  # the demo's splits where not given
     return args
 
 

@@ -196,6 +196,22 @@ def demo_split(split: str, out_dir: str = DEMO_DIR) -> str:
     return path
 
 
+def fill_splits(args, stage: str) -> None:
+    """A training stage's --data and --eval-data when not given: the demo's splits. The held-out split defaults to
+    the demo's only when the training data are the demo's too: the ATC thresholds of a model trained on one's own
+    data must not be fitted on the demo's synthetic clips. Then no held-out records are read (thresholds 0.5, said
+    in the run's summary) unless --eval-data is given."""
+    own_data = args.data is not None
+    args.data = args.data or demo_split(stage)
+    if args.eval_data is None and args.eval_records:
+        if own_data:
+            print(f"note: no --eval-data: the ATC heads' thresholds stay 0.5 (pass held-out records of {args.data}'s "
+                  "kind to fit them)", flush=True)
+            args.eval_records = 0
+        else:
+            args.eval_data = demo_split("eval")
+
+
 # -----------------------------------------------------------------------------
 # Built-in tiny models: each family's real config class, small sizes, a locally trained tokenizer.
 # They go through save_pretrained / from_pretrained like any checkpoint.

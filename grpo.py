@@ -12,8 +12,8 @@ scores them; the group's rewards become advantages; a clipped surrogate with a K
 
 Starts from the cold-start checkpoint; a frozen copy of it is π_ref. Trains the LLM only: the alarm vectors,
 ATC heads, vision encoder and projector stay frozen. At the end the heads' thresholds are refitted on the held-out
-records (--eval-data, training.calibrate_atc; prompt forwards only, no generation): the LLM under them moved. With --passes 1 (the paper's setting) π_old = π_θ at
-the update, so ρ = 1, the surrogate's value is mean(A) = 0 and the reported loss is ≈ β·KL: near zero
+records (--eval-data, training.calibrate_atc; prompt forwards only, no generation): the LLM under them moved.
+With --passes 1 (the paper's setting) π_old = π_θ at the update, so ρ = 1, the surrogate's value is mean(A) = 0 and the reported loss is ≈ β·KL: near zero
 by design, not a bug (the gradient is still the policy gradient). --passes k reuses each rollout batch
 for k optimizer steps; then ρ moves away from 1 and the clip matters.
 
@@ -139,8 +139,7 @@ def parse_args(argv=None):
                 "when a label is wrong")
     if args.top_k is None:
         args.top_k = RC.get(args.recipe).top_k
-    args.data = args.data or demo.demo_split("grpo")
-    args.eval_data = args.eval_data or (demo.demo_split("eval") if args.eval_records else None)
+    demo.fill_splits(args, "grpo")  # the demo's splits where not given
     return args
 
 
@@ -418,8 +417,9 @@ def main(argv=None) -> dict:
 
     summary = {"stage": "grpo", "steps": steps, "note": ONE_PASS_NOTE if args.passes == 1 else ""}
     if policy.alarm is not None:  # the frozen heads read a moved LLM: refit their thresholds on held-out prompts
-        summary.update(heldout_n=len(heldout), **T.calibrate_atc(policy, heldout, stage="grpo",
-                       prompt=RC.prompt_kwargs(args.recipe, "grpo"), batch_size=args.batch_size, fps=args.fps, max_frames=args.max_frames))
+        summary.update(heldout_n=len(heldout), **T.calibrate_atc(
+            policy, heldout, stage="grpo", prompt=RC.prompt_kwargs(args.recipe, "grpo"), batch_size=args.batch_size,
+            fps=args.fps, max_frames=args.max_frames))
     return T.finish(policy, args.out, vars(args), log, skipped, summary)  # logs it (skipped records by name), saves OUT
 
 

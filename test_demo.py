@@ -75,3 +75,19 @@ def test_demo_leaks_no_video_label(demo_dir):
                 assert r.target in plain_answers
         rows = [json.loads(line) for line in open(path, encoding="utf-8")]
         assert not any(k for row in rows for k in row if "red" in k.lower())
+
+
+def test_fill_splits_defaults_the_heldout_split_only_for_the_demos_data(monkeypatch, capsys):
+    import argparse
+
+    monkeypatch.setattr(demo, "demo_split", lambda split, out_dir=demo.DEMO_DIR: f"demo/{split}.jsonl")
+    args = argparse.Namespace(data=None, eval_data=None, eval_records=60)
+    demo.fill_splits(args, "grpo")  # the demo's training data: the demo's held-out split
+    assert (args.data, args.eval_data, args.eval_records) == ("demo/grpo.jsonl", "demo/eval.jsonl", 60)
+    args = argparse.Namespace(data="mine.jsonl", eval_data=None, eval_records=60)
+    demo.fill_splits(args, "at_sft")  # one's own data: never the demo's clips for the thresholds
+    assert (args.data, args.eval_data, args.eval_records) == ("mine.jsonl", None, 0)
+    assert "no --eval-data" in capsys.readouterr().out
+    args = argparse.Namespace(data="mine.jsonl", eval_data="held.jsonl", eval_records=60)
+    demo.fill_splits(args, "at_sft")
+    assert (args.data, args.eval_data, args.eval_records) == ("mine.jsonl", "held.jsonl", 60)
