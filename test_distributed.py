@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import model as M
+import outdir
 import rewards
 
 pytestmark = pytest.mark.distributed
@@ -54,9 +55,38 @@ def _killed_after_first_snapshot(script: str, *args, out: str, nproc: int) -> No
     while time.time() < deadline and proc.poll() is None and not os.path.isfile(meta):
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished (or failed) before it could be killed"
+    tree = _descendants(proc.pid)  # torchrun starts each worker in a session of its own: killpg misses them
+    assert nproc == 1 or len(tree) >= nproc, tree  # the workers were found
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    deadline = time.time() + 30  # SIGKILL is asynchronous: wait until every worker is gone (or a zombie)
+    while time.time() < deadline and any(outdir._alive(pid) for pid in tree):
+        time.sleep(0.02)
     assert not os.path.isfile(os.path.join(out, "model.safetensors"))  # no final checkpoint yet
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children, ...), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _steps(out: str) -> list[dict]:
