@@ -4,7 +4,7 @@ Before GRPO the model must already speak the structured format the reward reads:
 
     <think>…</think><answer>…</answer><vidType>0|1</vidType><textType>0|1</textType>   (1 harmful, 0 safe)
 
-This stage is AT-SFT's loop (at_sft.train_sft) with three differences, and nothing else:
+This stage is AT-SFT's loop (sft.train_sft, shared with at_sft.py) with three differences, and nothing else:
   1. data: the cold-start split, whose targets are in the structured format, and prompts that carry the
      structured-output instruction;
   2. loss: L = L_base only (no ATC loss);
@@ -32,7 +32,7 @@ from __future__ import annotations
 import cli
 import recipe as RC
 import training as T
-from at_sft import get_args, heldout_check, start, train_sft
+from sft import get_args, heldout_check, start, train_sft
 
 
 def main(argv=None) -> dict:

@@ -10,6 +10,7 @@ import pytest
 
 import at_sft
 import grpo
+import sft
 from conftest import GRPO, ONE_THREAD, SFT, run_script
 
 
@@ -72,8 +73,8 @@ def parsers():
         found["p"] = self
         raise SystemExit(0)
 
-    entry = {"at_sft": at_sft.get_args, "cold_start": lambda a: at_sft.get_args(a, stage="cold_start",
-                                                                                   doc=cold_start.__doc__),
+    entry = {"at_sft": lambda a: sft.get_args(a, doc=at_sft.__doc__),
+             "cold_start": lambda a: sft.get_args(a, stage="cold_start", doc=cold_start.__doc__),
              "grpo": grpo.parse_args, "eval": ev.parse_args, "bench": bench.parse_args,
              "build_data": build_data.parse_args}
     out = {}
