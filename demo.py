@@ -145,7 +145,12 @@ def _write_clip(path: str, harmful: bool, rng: random.Random) -> None:
             container.mux(packet)
 
 
-def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_dir: str) -> list[dict]:
+def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_dir: str,
+                  misread: float = 0.0) -> list[dict]:
+    """n records of one split. `misread`: the share of the records whose video and text labels disagree on which
+    the structured target's author (the teacher) read the video's label off the text, spread evenly over them
+    (exactly that share, no draw: the clips and queries do not depend on it). The records' own labels stay true."""
+    disagree = {0: 0, 1: 0}  # video label -> records so far whose text label is the other one
     harmful_items = [(c, s, q, zh) for c, subs in HARMFUL.items() for s, (en, zh) in subs.items() for q in en]
     rows = []
     for i in range(n):
@@ -164,7 +169,13 @@ def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_
         rid = f"{split}-{i:04d}"
         video = f"videos/{rid}.mp4"
         _write_clip(os.path.join(out_dir, video), bool(video_label), rng)
-        target = structured_target(answer, int(video_label), text_label) if structured else answer
+        told = int(video_label)  # the video tag the target's author wrote
+        if video_label != text_label:
+            k = disagree[int(video_label)]  # `misread` of each kind (safe clip / harmful clip), evenly spaced
+            if int((k + 1) * misread) > int(k * misread):
+                told = text_label
+            disagree[int(video_label)] = k + 1
+        target = structured_target(answer, told, text_label) if structured else answer
         rows.append({"id": rid, "video": video, "query": query, "target": target, "video_label": int(video_label),
                      "text_label": text_label, "subset": subset, "category": cat, "subcategory": sub, "language": lang})
     return rows
@@ -173,6 +184,14 @@ def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_
 DEMO_SPLITS = {  # name -> (records, structured target, seed). The eval split has its own seed.
     "at_sft": (192, False, 1), "cold_start": (192, True, 2), "grpo": (96, True, 3), "eval": (60, True, 1000),
 }
+# The cold-start targets come from an imperfect teacher, as real cold-start chains of thought do (written by a
+# stronger model that leans on the query more than on the video): where the video and the query disagree (a safe
+# clip under a harmful query, a harmful clip under a safe one), two of every three of its <vidType> tags copy the
+# query's label. Imitating it, cold start learns the format and writes the wrong video tag on most of those
+# clips whatever the seed, while sampling the right one about a third of the time; GRPO's reward, which checks
+# the tag against the true label, has the variance to learn from and closes part of that gap. The GRPO and eval
+# splits keep the true labels in their targets, and every record's video_label field is true.
+TEACHER_MISREADS = {"cold_start": 2 / 3}
 
 
 def write_demo(out_dir: str = DEMO_DIR, sizes: dict | None = None) -> str:
@@ -180,7 +199,7 @@ def write_demo(out_dir: str = DEMO_DIR, sizes: dict | None = None) -> str:
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     for split, (n, structured, seed) in DEMO_SPLITS.items():
         n = (sizes or {}).get(split, n)
-        rows = _demo_records(n, split, random.Random(seed), structured, out_dir)
+        rows = _demo_records(n, split, random.Random(seed), structured, out_dir, TEACHER_MISREADS.get(split, 0.0))
         tmp = os.path.join(out_dir, f"{split}.jsonl.tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -29,14 +29,25 @@ def test_demo_splits(demo_dir):
     for split, rs in recs.items():
         assert len(rs) == DEMO_SIZES[split]
         structured = demo.DEMO_SPLITS[split][1]
+        misread = {0: [], 1: []}  # video label -> for each record whose text label differs: did the teacher misread?
         for r in rs:
             assert os.path.isfile(r.video) and r.subset in data.SUBSETS
             assert ("<vidType>" in r.target) == structured
             if structured:
-                assert f"<vidType>{r.video_label}</vidType><textType>{r.text_label}</textType>" in r.target
+                told = int(re.search(r"<vidType>(\d)</vidType>", r.target).group(1))
+                assert f"<textType>{r.text_label}</textType>" in r.target
+                assert ("harmful content" in r.target) == bool(told)  # the reasoning says what the tag says
+                if r.video_label == r.text_label:
+                    assert told == r.video_label  # no misreading where the two agree
+                else:
+                    misread[r.video_label].append(told == r.text_label)
             assert r.text_label == (0 if r.subset == "SafeQ" else 1)
             if r.subset != "SafeQ":
                 assert r.video_label == (1 if r.subset == "HH" else 0)
+        share = demo.TEACHER_MISREADS.get(split, 0.0)
+        for flags in misread.values():  # the teacher's share, exactly (to one record), for safe and harmful clips
+            assert abs(sum(flags) - share * len(flags)) <= 1, (split, sum(flags), len(flags))
+            assert not flags or share == 0 or flags[0] is False  # evenly spread: the first one is read right
     # the eval split shares no record with the training splits
     digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
     train = [r for s in ("at_sft", "cold_start", "grpo") for r in recs[s]]
@@ -91,3 +102,15 @@ def test_fill_splits_defaults_the_heldout_split_only_for_the_demos_data(monkeypa
     args = argparse.Namespace(data="mine.jsonl", eval_data="held.jsonl", eval_records=60)
     demo.fill_splits(args, "at_sft")
     assert (args.data, args.eval_data, args.eval_records) == ("mine.jsonl", "held.jsonl", 60)
+
+
+def test_cold_start_teacher_misreads_its_share_of_the_disagreeing_clips(demo_full):
+    """At full size: two of every three cold-start targets whose video and text labels disagree carry the text's
+    label as the video tag, for safe and for harmful clips; everywhere else (and in GRPO's split) the true one."""
+    for split in ("cold_start", "grpo"):
+        rows = data.load_records(os.path.join(demo_full, f"{split}.jsonl"))
+        for video_label in (0, 1):
+            kind = [r for r in rows if r.video_label == video_label and r.text_label != video_label]
+            wrong = sum(f"<vidType>{r.text_label}</vidType>" in r.target for r in kind)
+            assert len(kind) >= 10
+            assert abs(wrong - demo.TEACHER_MISREADS.get(split, 0.0) * len(kind)) <= 1, (split, video_label, wrong)
