@@ -35,11 +35,18 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
+    fields = proc_stat(pid)
+    return fields is None or fields[0] != "Z"  # no /proc (macOS): kill's answer stands
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the process name (state, ppid, ...); None where it cannot be read."""
     try:
-        with open(f"/proc/{pid}/stat") as f:  # "pid (name) state ...": the state follows the last ')'
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): kill's answer stands
-        return True
+        with open(f"/proc/{pid}/stat") as f:  # "pid (name) state ppid ...": the name may hold spaces and ')'
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields if len(fields) >= 2 else None
 
 
 def check_folder(out: str, what: str = "--out") -> None:
