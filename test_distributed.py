@@ -39,9 +39,14 @@ def _cmd(script: str, nproc: int) -> list[str]:
             "127.0.0.1", "--master_port", str(port), os.path.join(HERE, script)]
 
 
-def _run(script: str, *args, nproc: int = 1, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+# torchrun sets OMP_NUM_THREADS=1 in each of its processes; a 1-process run must use one thread too, or its matmuls sum
+# in another order, and AdamW turns that rounding into a whole step (lr) wherever a weight's gradient nearly cancels.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _run(script: str, *args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     r = subprocess.run(_cmd(script, nproc) + list(args), capture_output=True, text=True, timeout=timeout, cwd=HERE,
-                       env=env)
+                       env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -49,7 +54,7 @@ def _run(script: str, *args, nproc: int = 1, timeout: int = 300, env=None) -> su
 def _killed_after_first_snapshot(script: str, *args, out: str, nproc: int) -> None:
     """Start a run, SIGKILL it (every process of it) as soon as its first resumable snapshot is complete."""
     proc = subprocess.Popen(_cmd(script, nproc) + list(args) + ["--out", out], cwd=HERE, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = os.path.join(out, "resume", M.META_FILE)  # renamed in with its snapshot, so complete when it exists
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not os.path.isfile(meta):
@@ -242,10 +247,9 @@ def test_grpo_two_processes_equal_one(demo_dir, tmp_path):
             "--max-completion-length", "8", "--epochs", "2", "--passes", "2", "--lr", "1e-3", "--warmup-ratio", "0",
             "--save-every", "3", "--skip-bad-records", "--device", "cpu", "--eval-records", "0"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torchrun sets it for each of its processes
-    _run(str(script), *args, "--out", one, env=one_thread)
+    _run(str(script), *args, "--out", one)
     _killed_after_first_snapshot(str(script), *args, out=two, nproc=2)
-    r = _run(str(script), *args, "--out", two, "--resume", env=one_thread)
+    r = _run(str(script), *args, "--out", two, "--resume")
     assert "resuming from" in r.stdout
 
     steps_one, steps_two = _steps(one), _steps(two)
