@@ -145,6 +145,9 @@ def _write_clip(path: str, harmful: bool, rng: random.Random) -> None:
             container.mux(packet)
 
 
+CHINESE_EVERY = 5  # one demo record in five (of each subset) is in Chinese
+
+
 def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_dir: str,
                   misread: float = 0.0) -> list[dict]:
     """n records of one split. `misread`: the share of the records whose video and text labels disagree on which
@@ -152,15 +155,21 @@ def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_
     (exactly that share, no draw: the clips and queries do not depend on it). The records' own labels stay true."""
     disagree = {0: 0, 1: 0}  # video label -> records so far whose text label is the other one
     harmful_items = [(c, s, q, zh) for c, subs in HARMFUL.items() for s, (en, zh) in subs.items() for q in en]
+    # The language and a safe query's clip are dealt in turn, not drawn: every split then holds every kind of record
+    # in the same shares. (Drawn, GRPO's split had no Chinese safe query over a harmful clip while the eval split had
+    # four, and GRPO learnt to refuse them: a kind missing from the prompts is one the reward never teaches.)
+    dealt = {}  # (subset, language) -> records of that kind so far
     rows = []
     for i in range(n):
         subset = SUBSETS[i % 3]
-        zh = rng.random() < 0.2
+        zh = (i // 3) % CHINESE_EVERY == CHINESE_EVERY - 1  # one record in CHINESE_EVERY of each subset
         lang = "zh" if zh else "en"
+        k = dealt.get((subset, lang), 0)
+        dealt[(subset, lang)] = k + 1
         if subset == "SafeQ":
             sub, qa = rng.choice(list(SAFE_QA.items()))
             query, answer = qa[1] if zh else qa[0]
-            cat, video_label, text_label = "benign", rng.random() < 0.5, 0
+            cat, video_label, text_label = "benign", k % 2 == 1, 0  # safe and harmful clips in turn
         else:
             cat, sub, q_en, q_zh = rng.choice(harmful_items)
             query = q_zh if zh else q_en

@@ -114,3 +114,25 @@ def test_cold_start_teacher_misreads_its_share_of_the_disagreeing_clips(demo_ful
             wrong = sum(f"<vidType>{r.text_label}</vidType>" in r.target for r in kind)
             assert len(kind) >= 10
             assert abs(wrong - demo.TEACHER_MISREADS.get(split, 0.0) * len(kind)) <= 1, (split, video_label, wrong)
+
+
+def test_every_split_holds_every_kind_of_record_in_the_same_shares(tmp_path):
+    """Languages and safe queries' clips are dealt, not drawn: in every split, each subset is one in five Chinese
+    (to one record), a safe query's clips are half safe, half harmful in each language (to one), so each kind the
+    eval split scores (e.g. a Chinese safe query over a harmful clip) is among every training split's records."""
+    full = demo.write_demo(str(tmp_path))  # every split at its full size
+    kinds = {}
+    for split in demo.DEMO_SPLITS:
+        rows = data.load_records(os.path.join(full, f"{split}.jsonl"))
+        for subset in data.SUBSETS:
+            of = [r for r in rows if r.subset == subset]
+            zh = [r for r in of if r.language == "zh"]
+            assert abs(len(zh) - len(of) / demo.CHINESE_EVERY) <= 1, (split, subset, len(zh), len(of))
+            if subset == "SafeQ":
+                for lang in ("en", "zh"):
+                    labels = [r.video_label for r in of if r.language == lang]
+                    assert abs(2 * sum(labels) - len(labels)) <= 1, (split, lang, labels)
+        kinds[split] = {(r.language, r.subset, r.video_label) for r in rows}
+    assert len(kinds["eval"]) == 8  # 2 languages x (HH, SH, SafeQ over a safe clip, SafeQ over a harmful one)
+    for split in ("at_sft", "cold_start", "grpo"):
+        assert kinds[split] == kinds["eval"], split
