@@ -158,18 +158,18 @@ def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_
     # The language and a safe query's clip are dealt in turn, not drawn: every split then holds every kind of record
     # in the same shares. (Drawn, GRPO's split had no Chinese safe query over a harmful clip while the eval split had
     # four, and GRPO learnt to refuse them: a kind missing from the prompts is one the reward never teaches.)
-    dealt = {}  # (subset, language) -> records of that kind so far
+    safe_dealt = {"en": 0, "zh": 0}  # language -> safe queries so far
     rows = []
     for i in range(n):
         subset = SUBSETS[i % 3]
         zh = (i // 3) % CHINESE_EVERY == CHINESE_EVERY - 1  # one record in CHINESE_EVERY of each subset
         lang = "zh" if zh else "en"
-        k = dealt.get((subset, lang), 0)
-        dealt[(subset, lang)] = k + 1
         if subset == "SafeQ":
             sub, qa = rng.choice(list(SAFE_QA.items()))
             query, answer = qa[1] if zh else qa[0]
-            cat, video_label, text_label = "benign", k % 2 == 1, 0  # safe and harmful clips in turn
+            video_label = safe_dealt[lang] % 2 == 1  # safe and harmful clips in turn, in each language
+            safe_dealt[lang] += 1
+            cat, text_label = "benign", 0
         else:
             cat, sub, q_en, q_zh = rng.choice(harmful_items)
             query = q_zh if zh else q_en
