@@ -967,6 +967,8 @@ def build_report(run: Run, fates: dict, out: dict, n_cut: int) -> dict:
                     "pairs_without_target": sum(len(f.get("dropped_pairs", [])) for f in videos),
                     "records_cut_for_eval_balance": n_cut,
                     "csv_rows_without_video": len(set(run.csv or ()) - set(fates))},
+        # a split with no record is still written (the four files always exist) but no stage can train on it
+        "empty_splits": [s for s, w in zip(SPLITS, a.split) if w and not out[s]],
         "videos": videos,
     }
 
@@ -978,6 +980,10 @@ def _counter(xs) -> dict:
     return out
 
 
+EMPTY_HINT = ("{} got no record (too few kept videos for these --split weights): add videos, or give the empty "
+              "split weight 0 in --split if you will not run its stage")
+
+
 def render_report(rep: dict) -> str:
     c, d = rep["counts"], rep["dropped"]
     lines = ["# build_data.py report", "", f"Videos: {c['videos']['collected']} collected; " +
@@ -987,6 +993,8 @@ def render_report(rep: dict) -> str:
         lines.append(f"| {s} | {c['videos_per_split'].get(s, 0)} | {r['total']} | {r.get('HH', 0)} | "
                      f"{r.get('SH', 0)} | {r.get('SafeQ', 0)} |")
     lines += ["", "Dropped: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items()) + ".", ""]
+    if rep["empty_splits"]:
+        lines += [f"**Empty:** {EMPTY_HINT.format(', '.join(rep['empty_splits']))}", ""]
     for what in ("category", "language"):
         lines += [f"Records per {what}:", ""]
         lines += [f"- {s}: " + ", ".join(f"{k} {v}" for k, v in per.items()) for s, per in c[what].items() if per]
@@ -1051,6 +1059,8 @@ def main(argv=None) -> dict:
     if not any(r["total"] for r in report["counts"]["records"].values()):
         raise D.DataError(f"no video gave a record (see {os.path.join(args.out, 'build_report.md')}: "
                           + ", ".join(f"{v} {k}" for k, v in report["counts"]["videos"].items()) + ")")
+    if report["empty_splits"]:  # the stage reading it would stop with "no records": say so now, and how to fix it
+        print("build_data.py: warning: " + EMPTY_HINT.format(", ".join(f"{s}.jsonl" for s in report["empty_splits"])))
     summary = {"videos": report["counts"]["videos"], "records": {s: r["total"] for s, r in
                                                                   report["counts"]["records"].items()},
                "dropped": report["dropped"]}

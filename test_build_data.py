@@ -212,6 +212,17 @@ def test_splits_disjoint_by_video_and_every_split_loads(csv_run, clips):
     assert report["counts"]["records"]["at_sft"] == {"total": 6, "HH": 1, "SH": 1, "SafeQ": 4}
 
 
+def test_an_empty_split_is_said_in_the_output_and_the_report(clips, labels_csv, tmp_path, capsys):
+    """Too few videos for a split's weight: the file is written empty, and the user is told before a stage fails on
+    it; a split weighted 0 on purpose is not a warning."""
+    report = build(clips, tmp_path / "o", "--labels", labels_csv, "--split", "1,1000,1000,0", "--skip-bad-records")
+    assert report["empty_splits"] == ["at_sft"]  # eval is empty too, but by its weight 0
+    assert rows(tmp_path / "o" / "at_sft.jsonl") == [] and rows(tmp_path / "o" / "eval.jsonl") == []
+    said = capsys.readouterr().out
+    assert "warning: at_sft.jsonl got no record" in said and "eval.jsonl got" not in said
+    assert "**Empty:** at_sft got no record" in (tmp_path / "o" / "build_report.md").read_text(encoding="utf-8")
+
+
 def test_labels_csv_errors(tmp_path):
     tax = B.load_taxonomy(None)
     cases = {"video_label must be 0 .* got '2'": "a.mp4,1,violence,weapons\nb.mp4,2,,",
