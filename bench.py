@@ -49,7 +49,7 @@ import alarm as A
 import cli
 import data as D
 import demo
-import grpo
+import grpo_loss
 import lora
 import model as M
 import rollout
@@ -152,8 +152,8 @@ def grpo_step(path: str, policy, ref, prompts: list[dict], optimizer, G: int, to
             with torch.no_grad():
                 ref_logp = logprobs(ref, batch, completion, mask)
             logp = logprobs(policy, batch, completion, mask)
-        advantages = grpo.group_advantages(torch.rand(G, device=policy.device))
-        loss, _ = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, n_seqs=G * len(groups))
+        advantages = grpo_loss.group_advantages(torch.rand(G, device=policy.device))
+        loss, _ = grpo_loss.grpo_loss(logp, logp.detach(), ref_logp, advantages, mask, n_seqs=G * len(groups))
         loss.backward()  # accumulated over the step's groups
     _sync(policy.device)
     t2 = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 import at_sft
 import data
 import grpo
+import grpo_loss
 import model
 import recipe as RC
 from alarm import TEXTUAL_ALARM, VISUAL_ALARM, at_sft_loss
@@ -116,7 +117,7 @@ def test_all_equal_group_float32_advantage():
     """Six rewards of 3.1: the paper's A = 0; the authors' float32 arithmetic leaves one ulp in the mean, so
     A = −ulp / (ulp·√(6/5) + 1e-4) ≈ −2.378e-3 for every completion."""
     parts = {"alpha": [0.1] * 6, "rouge": [1.0] * 6, "video": [1.0] * 6, "text": [1.0] * 6, "format": [1.0] * 6}
-    r = grpo.authors_rewards(parts, 1.0, 1.0)  # accuracy 2.1 + format 1.0, each float32, summed in float32
+    r = grpo_loss.authors_rewards(parts, 1.0, 1.0)  # accuracy 2.1 + format 1.0, each float32, summed in float32
     assert r.dtype == torch.float32 and bool((r == np.float32(3.1)).all())
     assert torch.equal(grpo.group_advantages(r), torch.zeros(6))  # the default: the paper's
     ulp = float(np.spacing(np.float32(3.1)))  # 2.384e-7: the float32 mean is 3.1 + one ulp
