@@ -52,6 +52,7 @@ import demo
 import grpo_loss
 import lora
 import model as M
+import recipe as RC
 import rollout
 import training as T
 
@@ -130,7 +131,7 @@ def fast_rollout(llm: M.VideoLLM, prompts: list[dict], G: int, **sampling):
     return [(rollout.repeat_rows(p, G), completion, texts) for p, (completion, texts) in zip(prompts, groups)]
 
 
-TOP_K = 50  # both paths: top-k 50 before top-p 0.95 (the authors' effective setting)
+TOP_K = RC.AUTHORS.top_k  # both paths: top-k 50 before top-p 0.95 (the authors' effective setting)
 
 PATHS = {"straightforward": (straightforward_rollout, straightforward_logprobs),
          "fast": (fast_rollout, M.completion_logprobs)}
@@ -143,7 +144,7 @@ def grpo_step(path: str, policy, ref, prompts: list[dict], optimizer, G: int, to
     do_rollout, logprobs = PATHS[path]
     t0 = time.perf_counter()
     with T.autocast(policy.device):
-        groups = do_rollout(policy, prompts, G, max_new_tokens=tokens, do_sample=True, temperature=1.0, top_p=0.95,
+        groups = do_rollout(policy, prompts, G, max_new_tokens=tokens, do_sample=True, temperature=1.0, top_p=M.TOP_P,
                             top_k=TOP_K)
     masks = [M.completion_mask(completion, policy.eot_id) for _, completion, _ in groups]
     t1 = time.perf_counter()
@@ -277,7 +278,7 @@ def main(argv=None) -> dict:
     ref.model.eval().requires_grad_(False)
     M.set_trainable(policy, train_llm=True, train_alarm=False, train_heads=False)
     policy.model.train()
-    optimizer = torch.optim.AdamW(M.param_groups(policy, 1e-6, 0.0, 0.0, 0.01))  # the paper's lr: weights barely move
+    optimizer = torch.optim.AdamW(M.param_groups(policy, M.LR_LLM, 0.0, 0.0, 0.01))  # the paper's lr: weights barely move
     visual = int((prompt["input_ids"] == policy.model.config.video_token_id).sum())
     vocab = policy.model.get_output_embeddings().weight.shape[0]
     shape = {"model": args.model, "device": str(policy.device), "vocab_size": vocab,
@@ -427,7 +428,7 @@ def real_step(stage: str, use_lora: bool, layers: int, args, tiny: M.VideoLLM) -
         lora.wrap(policy.model)
     M.set_trainable(policy, **STAGES[stage])
     policy.model.train()
-    optimizer = torch.optim.AdamW(M.param_groups(policy, 1e-6, 1e-5, 1e-5, 0.01))
+    optimizer = torch.optim.AdamW(M.param_groups(policy, M.LR_LLM, M.LR_ALARM, M.LR_HEADS, 0.01))
     record = D.Record(id="real", query="What is happening in this video, and is it safe to imitate?",
                       video=args.video, target=_text_of(policy, args.text_tokens), video_label=1, text_label=0)
     ref = build_real(layers, args.scale, args.seed + 1, tiny, args.vision_layers) if stage == "grpo" else None  # π_ref: its own frozen copy

@@ -370,7 +370,8 @@ def build_tiny(name: str, path: str, seed: int = 0) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Write the synthetic demo dataset (videos + at_sft/cold_start/grpo/eval "
                                              "JSONL).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--out", default=DEMO_DIR, help="output folder")
+    # argparse itself, not cli.parser: cli imports training -> model, which imports this file (the tiny models)
+    ap.add_argument_group("output").add_argument("--out", default=DEMO_DIR, help="output folder")
     args = ap.parse_args()
     out = write_demo(args.out)
     for split in DEMO_SPLITS:

@@ -98,7 +98,7 @@ def parse_args(argv=None):
     g.add_argument("--max-completion-length", type=cli.positive_int, default=M.MAX_NEW_TOKENS, help="max new tokens per "
                    "completion (paper: 768)")
     g.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (paper: 1.0)")
-    g.add_argument("--top-p", type=cli.probability, default=0.95, help="nucleus sampling (paper: 0.95)")
+    g.add_argument("--top-p", type=cli.probability, default=M.TOP_P, help="nucleus sampling (paper: 0.95)")
     g.add_argument("--top-k", type=cli.nonneg_int, default=None, help="keep the k most likely tokens before top-p (0 = off, "
                    "the paper's stated setting; with k the nucleus is found among k candidates, much cheaper; "
                    "default: the recipe's, paper 0, authors 50)")
@@ -122,7 +122,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=cli.positive_float, default=1.0, help="passes over the prompts (paper: 1)")
     g.add_argument("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many rollout steps (0 = no cap)")
-    g.add_argument("--lr", type=cli.nonneg_float, default=1e-6, help="AdamW learning rate of the LLM (paper: 1e-6)")
+    g.add_argument("--lr", type=cli.nonneg_float, default=M.LR_LLM, help="AdamW learning rate of the LLM (paper: 1e-6)")
     g.add_argument("--weight-decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay (paper: 0.01)")
     g.add_argument("--max-grad-norm", type=cli.positive_float, default=5.0, help="gradient clipping norm (paper: 5)")
     g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO, help="share of optimizer steps of linear "

@@ -76,8 +76,12 @@ def set_trainable(llm: VideoLLM, train_llm: bool, train_alarm: bool, train_heads
             p.requires_grad_(train_heads)
 
 
+LR_LLM, LR_ALARM, LR_HEADS = 1e-6, 1e-5, 1e-5  # the paper's learning rates: the stages' flags default to these
+TOP_P = 0.95  # GRPO's nucleus at sampling temperature 1.0 (paper)
+
+
 def param_groups(llm: VideoLLM, lr_llm: float, lr_alarm: float, lr_heads: float, weight_decay: float) -> list[dict]:
-    """AdamW groups with the paper's separate learning rates (LLM 1e-6, alarm 1e-5, heads 1e-5).
+    """AdamW groups with separate learning rates (the paper's: LR_LLM, LR_ALARM, LR_HEADS).
     Only trainable tensors are included; a group with none is left out."""
     groups = [("llm", lr_llm, [p for p in llm.llm_parameters() if p.requires_grad])]
     if llm.alarm is not None:

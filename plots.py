@@ -18,9 +18,9 @@ never fails for a picture.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
-import sys
 
 import outdir
 
@@ -178,11 +178,12 @@ def compare_chart(runs: list[tuple[str, dict]], path: str) -> list[str]:
 
 
 def main(argv=None) -> None:
-    dirs = sys.argv[1:] if argv is None else argv
-    if not dirs or any(d in ("-h", "--help") for d in dirs):
-        print(__doc__)
-        return
-    for d in dirs:
+    # argparse itself, not cli.parser: cli imports training, which imports this file
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument_group("runs").add_argument("runs", nargs="+", metavar="RUN_DIR", help="a stage's --out folder "
+                                              "(holding metrics.jsonl); curves.png is written there")
+    for d in p.parse_args(argv).runs:
         keys = plot_run(d)
         if keys:
             print(f"{os.path.join(d, CURVES)}: {', '.join(keys)}")

@@ -49,10 +49,10 @@ def get_args(argv=None, stage: str = "at_sft", doc: str | None = None, **default
     g.add_argument("--batch-size", type=cli.positive_int, default=4, help="records per micro-batch")
     g.add_argument("--grad-accum", type=cli.positive_int, default=32, help="micro-batches per optimizer step in each process "
                    "(global batch = batch-size x grad-accum x processes; paper: 128)")
-    g.add_argument("--lr-llm", type=cli.nonneg_float, default=1e-6, help="learning rate of the language model (paper: 1e-6)")
-    g.add_argument("--lr-alarm", type=cli.nonneg_float, default=1e-5, help=atc_only("learning rate of the alarm vectors "
+    g.add_argument("--lr-llm", type=cli.nonneg_float, default=M.LR_LLM, help="learning rate of the language model (paper: 1e-6)")
+    g.add_argument("--lr-alarm", type=cli.nonneg_float, default=M.LR_ALARM, help=atc_only("learning rate of the alarm vectors "
                    "(paper: 1e-5)"))
-    g.add_argument("--lr-heads", type=cli.nonneg_float, default=1e-5, help=atc_only("learning rate of the ATC heads "
+    g.add_argument("--lr-heads", type=cli.nonneg_float, default=M.LR_HEADS, help=atc_only("learning rate of the ATC heads "
                    "(paper: 1e-5)"))
     g.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0, help="AdamW weight decay (paper: 0)")
     g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO, help="share of steps of linear warmup "
