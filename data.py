@@ -186,12 +186,18 @@ def structured_target(text: str) -> bool:
     return format_reward(text) == 1.0
 
 
+MULTI_TURN_PROMPT = ("a multi-turn conversation is training data (SFT); a prompt to answer (GRPO, eval) must be one "
+                     "user turn")
+
+
 def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = None,
-                 structured: bool = False) -> list[Record]:
+                 structured: bool = False, prompt_only: bool = False) -> list[Record]:
     """Read a JSONL file of records (or the authors' .json list).
 
     structured: the stage needs targets in the structured format (cold start trains on them, GRPO's reward reads
     them); a record whose target is not is bad input.
+    prompt_only: the records are prompts to answer (GRPO, eval); a multi-turn conversation is bad input here, so
+    it fails when the data are read, not when its batch is built after the model loaded (collate checks it too).
     A bad row raises DataError, or with skip_bad=True is left out and noted in `skipped` (where -> why)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: data file not found")
@@ -220,6 +226,8 @@ def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = No
             rec = _record(obj, where, root)
             if rec.id in seen:
                 raise DataError(f"{where}: duplicate id {rec.id!r}")
+            if prompt_only and rec.turns:
+                raise DataError(f"{where} (id {rec.id}): {MULTI_TURN_PROMPT}")
             if structured and not rec.turns and not structured_target(rec.target):
                 raise DataError(f"{where} (id {rec.id}): target is not in the structured format this stage needs "
                                 "(<think>…</think><answer>…</answer><vidType>0|1</vidType><textType>0|1</textType>, "
@@ -525,8 +533,7 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
         has_video = r.video is not None and not no_video
         try:
             if r.turns and not with_target:
-                raise DataError("a multi-turn conversation is training data (SFT); a prompt to answer (GRPO, eval) "
-                                "must be one user turn")
+                raise DataError(MULTI_TURN_PROMPT)
             video = read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id) if has_video else None
             pics = [] if no_video else [read_image(x, rid=r.id) for x in r.image or []]
             tail = None  # a multi-turn record's turns after the prompt (with_target): (text, answer spans)

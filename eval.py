@@ -406,11 +406,16 @@ RESUME_KEYS = ("model", "data", "judge", "judge_model", "no_video", "plain_promp
 def read_records(data: str, fmt: str | None, *, images=None, videos=None, skip_bad=False,
                  skipped=None) -> tuple[str | None, list]:
     """(benchmark name or None, records) of --data: our JSONL records, or a benchmark's release (benchmarks.py).
-    fmt None: a file that is no benchmark's (or does not exist) is read as our records, anything else is detected."""
-    if fmt is None and not os.path.isdir(data) and (not os.path.exists(data) or benchmarks.detect(data) is None):
+    fmt None: a file that is no benchmark's (or does not exist) is read as our records, anything else is detected;
+    a .csv or .parquet no benchmark claims is never ours (benchmarks.read then says it cannot tell)."""
+    if fmt is None and not os.path.isdir(data) and not data.endswith(benchmarks.BENCH_ONLY) and (
+            not os.path.exists(data) or benchmarks.detect(data) is None):
         fmt = "jsonl"
-    if fmt == "jsonl":
-        return None, load_records(data, skip_bad=skip_bad, skipped=skipped)
+        if images or videos:  # parse_args catches an explicit --format jsonl; this one was detected
+            raise DataError(f"{data}: --images / --videos are for a benchmark's release; a JSONL record's paths "
+                            "are its own (this file was read as our JSONL; pass --format NAME if it is a benchmark)")
+    if fmt == "jsonl":  # prompts to answer: a multi-turn conversation is refused here, before the model loads
+        return None, load_records(data, skip_bad=skip_bad, skipped=skipped, prompt_only=True)
     return benchmarks.read(data, fmt, images=images, videos=videos, skip_bad=skip_bad, skipped=skipped)
 
 

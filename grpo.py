@@ -292,8 +292,8 @@ def main(argv=None) -> dict:
         M.check_model_path(args.model, "--model")
     T.take_out(args.out)
     skipped: dict = {}
-    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped,
-                             structured=True)  # bad data fails fast; the reward reads structured targets
+    records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped, structured=True,
+                             prompt_only=True)  # bad data fails fast; the reward reads structured targets
     heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []  # threshold fit
     resume = T.find_resume(args.out) if args.resume else None
     if resume:

@@ -112,6 +112,44 @@ def test_cannot_tell(tmp_path, demo_dir):
     assert B.detect(os.path.join(demo_dir, "eval.jsonl")) is None  # our own records
 
 
+def test_main_file_with_a_bad_first_row_is_still_its_benchmark(vsb, vlguard, tmp_path, demo_dir):
+    """A first row that lacks a field is told by the fields it shares with its benchmark, or else by the release's
+    file name, so its reader names the field (not our JSONL's 'id' / 'query'); our records keep being ours."""
+    rows = json.loads((vsb / "harmful_data.json").read_text())
+    del rows[0]["harmful_intention"]
+    (vsb / "harmful_data.json").write_text(json.dumps(rows))
+    (vsb / "renamed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path in (vsb / "harmful_data.json", vsb / "renamed.jsonl"):
+        assert B.detect(str(path)) == "video-safetybench", path
+    items = json.loads((vlguard / "test.json").read_text())
+    del items[0]["safe"]  # Ads_1 keeps one of VLGuard's own fields (instr-resp): its file name decides
+    (vlguard / "test.json").write_text(json.dumps(items))
+    assert B.detect(str(vlguard / "test.json")) == "vlguard"
+    ours = [json.loads(line) for line in open(os.path.join(demo_dir, "eval.jsonl"))]
+    (tmp_path / "test.json").write_text(json.dumps(ours))
+    assert B.detect(str(tmp_path / "test.json")) is None  # our records named test.json
+    (tmp_path / "scores.csv").write_text("model,score\na,1\n")
+    assert B.detect(str(tmp_path / "scores.csv")) is None
+
+
+def test_figstep_tiny_only(figstep):
+    """FigStep's SafeBench-Tiny.csv alone (the README's "or SafeBench-Tiny"), with data/images/SafeBench-Tiny/."""
+    q, img = figstep / "data" / "question", figstep / "data" / "images"
+    os.rename(q / "safebench.csv", q / "SafeBench-Tiny.csv")
+    os.rename(img / "SafeBench", img / "SafeBench-Tiny")
+    for path in (figstep, figstep / "data"):
+        assert B.detect(str(path)) == "figstep", path
+    recs = B.read(str(figstep))[1]
+    assert recs[0].image == [str(img / "SafeBench-Tiny" / "query_ForbidQI_1_1_6.png")]
+
+
+def test_wrong_format_names_the_expected_file(figstep, vlguard):
+    with pytest.raises(DataError, match=r"FigStep/test.json: VLGuard's test.json not found"):
+        B.read(str(figstep), "vlguard")
+    with pytest.raises(DataError, match=r"VLGuard: no Video-SafetyBench data file \(harmful_data.json"):
+        B.read(str(vlguard), "video-safetybench")
+
+
 # -----------------------------------------------------------------------------
 # bad input: file, row and field named; missing media named, or skipped and counted
 

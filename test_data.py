@@ -382,6 +382,18 @@ def test_conversations_with_image_and_several_turns(tmp_path, good):
     assert data.load_records(write_jsonl(tmp_path / "again.jsonl", [a.to_json()]))[0].turns == a.turns  # round trip
 
 
+def test_prompt_only_refuses_multi_turn_when_read(tmp_path, good):
+    """GRPO and eval read prompts: a multi-turn record fails when the data are read (before any model loads), with
+    its line and id, or is skipped and counted; training data (SFT) keeps it."""
+    path = write_jsonl(tmp_path / "p.jsonl", [good, {**good, "id": "mt", "turns": [["And then?", "Nothing."]]}])
+    assert data.load_records(path)[1].turns == [["And then?", "Nothing."]]
+    with pytest.raises(DataError, match=r"p.jsonl:2 \(id mt\): a multi-turn conversation is training data"):
+        data.load_records(path, prompt_only=True)
+    skipped = {}
+    assert [r.id for r in data.load_records(path, prompt_only=True, skip_bad=True, skipped=skipped)] == ["r-1"]
+    assert list(skipped) == [f"{path}:2 (id mt)"]
+
+
 @pytest.mark.parametrize("patch,needle", [
     ({"image": None}, "the first turn has 1 <image> tags for 0 image file"),  # text-only with a literal <image>
     ({"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "<image>x"},

@@ -12,7 +12,7 @@ import torch
 import eval as ev
 import judges
 from conftest import FakeAPI, run_script, structured
-from data import Record, load_records
+from data import DataError, Record, load_records
 
 # -----------------------------------------------------------------------------
 # Metrics on hand-made predictions
@@ -304,6 +304,44 @@ def test_benchmark_bad_row_is_one_line(vlguard, tmp_path):
     r = run_script("eval.py", "--data", str(vlguard), "--out", str(tmp_path / "e"), "--device", "cpu")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "test.json[1]: missing field 'safe'" in r.stderr.strip().splitlines()[-1]
+
+
+def test_read_records_bad_first_row_and_unknown_csv(vsb, vlguard, tmp_path):
+    """--data without --format: a benchmark's main file with a bad first row gets that benchmark's error (not our
+    JSONL's "missing field 'id'"); a CSV no benchmark claims cannot be told (never "malformed JSON")."""
+    rows = json.loads((vsb / "harmful_data.json").read_text())
+    del rows[0]["harmful_intention"]
+    (vsb / "harmful_data.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=r"harmful_data.json\[0\]: missing field 'harmful_intention'"):
+        ev.read_records(str(vsb / "harmful_data.json"), None)
+    items = json.loads((vlguard / "test.json").read_text())
+    del items[0]["safe"]
+    (vlguard / "test.json").write_text(json.dumps(items))
+    with pytest.raises(DataError, match=r"test.json\[0\]: missing field 'safe'"):
+        ev.read_records(str(vlguard / "test.json"), None)
+    (tmp_path / "scores.csv").write_text("model,score\na,1\n")
+    with pytest.raises(DataError, match=r"scores.csv: cannot tell which benchmark.*--format"):
+        ev.read_records(str(tmp_path / "scores.csv"), None)
+
+
+def test_read_records_media_flags_on_detected_jsonl(demo, tmp_path):
+    """--images / --videos on data detected as our JSONL: refused as for an explicit --format jsonl."""
+    for flag in ("images", "videos"):
+        with pytest.raises(DataError, match=r"--images / --videos are for a benchmark's release"):
+            ev.read_records(demo, None, **{flag: str(tmp_path)})
+
+
+def test_read_records_refuses_multi_turn_prompts(demo, tmp_path):
+    """A multi-turn record is refused as eval reads its data (before the model loads), or skipped and counted."""
+    first = json.loads(open(demo).readline())
+    mt = tmp_path / "mt.jsonl"
+    mt.write_text(json.dumps({**first, "video": None, "turns": [["And?", "No."]]}) + "\n" +
+                  json.dumps({**first, "id": "one", "video": None}) + "\n")
+    with pytest.raises(DataError, match=r"mt.jsonl:1 \(id .*\): a multi-turn conversation is training data"):
+        ev.read_records(str(mt), None)
+    skipped = {}
+    assert [r.id for r in ev.read_records(str(mt), None, skip_bad=True, skipped=skipped)[1]] == ["one"]
+    assert len(skipped) == 1
 
 
 def test_local_judge_batches_a_generation_batch(demo, tmp_path, monkeypatch):

@@ -47,6 +47,18 @@ def test_cli_runs_logs_and_saves(demo_full, tmp_path):
     assert llm.meta["stage"] == "grpo" and llm.alarm is not None
 
 
+def test_multi_turn_prompt_refused_before_the_model_loads(demo_full, tmp_path, monkeypatch):
+    """A multi-turn record in GRPO's data stops the run when the data are read, not after the model loaded."""
+    monkeypatch.setattr(T, "load_for_training", lambda *a, **k: pytest.fail("the model loaded before the data"))
+    row = json.loads(open(os.path.join(demo_full, "grpo.jsonl")).readline())
+    row["video"] = None
+    path = tmp_path / "mt.jsonl"
+    path.write_text(json.dumps({**row, "turns": [["And?", "No."]]}) + "\n")
+    with pytest.raises(D.DataError, match=r"mt.jsonl:1 \(id .*\): a multi-turn conversation is training data"):
+        grpo.main(["--model", "tiny-qwen2.5-vl", "--data", str(path), "--out", str(tmp_path / "g"),
+                   "--group-size", "2", "--batch-size", "1", "--device", "cpu", "--eval-records", "0"])
+
+
 def test_grpo_runs_on_image_prompts(image_files, tmp_path):
     """Image records (one and two images) as GRPO prompts: both groups are rolled out, scored and updated on, and the
     checkpoint is written (the log-probs' equality with the straightforward path is in test_rollout.py)."""
