@@ -258,6 +258,27 @@ def servable(llm: VideoLLM, state_dict: dict | None = None) -> None:
     gc.suppress_tokens = banned_ids(llm) or None
 
 
+@contextlib.contextmanager
+def served_video_sampling(processor, fps: float, max_frames: int):
+    """While the processor is saved: its video processor samples a video path's frames itself, at the fps and frame
+    cap the checkpoint was trained with. The project samples frames in data.read_video and hands the processor
+    those (do_sample_frames off), so the setting is for serving only and is undone after the save. transformers
+    then reads the same frames as data.sample_indices where a clip's frame count at `fps` fits the family's
+    temporal patch (Qwen: an even count, at least 4); elsewhere it rounds to it (README, "Serve the trained model")."""
+    vp = getattr(processor, "video_processor", None)
+    served = {"do_sample_frames": True, "fps": float(fps), "max_frames": int(max_frames), "num_frames": None}
+    old = {k: getattr(vp, k, None) for k in served}
+    try:
+        if vp is not None:
+            for k, v in served.items():
+                setattr(vp, k, v)
+        yield
+    finally:
+        if vp is not None:
+            for k, v in old.items():
+                setattr(vp, k, v)
+
+
 def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> None:
     """A directory transformers can load (safetensors weights, tokenizer and processor with the
     alarm tokens) plus alarm.safetensors (vectors + heads) and videosafety_meta.json (config, step).
@@ -280,7 +301,9 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         servable(llm, state_dict)
         llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        llm.processor.save_pretrained(tmp)
+        args = (meta or {}).get("args") or {}
+        with served_video_sampling(llm.processor, args.get("fps", data.FPS), args.get("max_frames", data.MAX_FRAMES)):
+            llm.processor.save_pretrained(tmp)
         plain = llm.processor.chat_template
         with open(os.path.join(tmp, PLAIN_TEMPLATE_FILE), "w") as f:
             f.write(plain)
@@ -316,11 +339,14 @@ def eval_mode(llm: VideoLLM):
 
 
 def banned_ids(llm: VideoLLM) -> list[int]:
-    """Tokens never generated: the alarm tokens, and image / video placeholders (a forward over prompt ++
-    completion would count them as visual tokens and fail when GRPO recomputes the log-probs)."""
+    """Tokens never generated: the alarm tokens, image / video placeholders (a forward over prompt ++
+    completion would count them as visual tokens and fail when GRPO recomputes the log-probs), and the pad token
+    (batches are right-padded with it; unless it is the end-of-turn token, which must stay reachable)."""
     ids = [llm.alarm.visual_id, llm.alarm.textual_id] if llm.alarm is not None else []
-    return ids + [i for i in (getattr(llm.model.config, k, None) for k in ("image_token_id", "video_token_id"))
-                  if i is not None]
+    ids += [i for i in (getattr(llm.model.config, k, None) for k in ("image_token_id", "video_token_id"))
+            if i is not None]
+    pad = llm.tokenizer.pad_token_id
+    return ids + ([pad] if pad is not None and pad != llm.eot_id and pad not in ids else [])
 
 
 def completion_mask(completion: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -311,6 +311,8 @@ def test_checkpoint_serves_without_project_code(tiny_name, mixed_records, tmp_pa
 
     plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     assert set(plain.generation_config.suppress_tokens) == set(model.banned_ids(llm))
+    pad = llm.tokenizer.pad_token_id  # batches are padded with it: never generated, served or not
+    assert pad != llm.eot_id and pad in plain.generation_config.suppress_tokens
     inputs = {k: batch[k] for k in batch["model_keys"]}
     with torch.no_grad():
         ids = plain.generate(**inputs, max_new_tokens=6)[:, inputs["input_ids"].shape[1]:]
@@ -334,25 +336,39 @@ def test_checkpoint_serves_without_project_code(tiny_name, mixed_records, tmp_pa
 
 SERVE_SCRIPT = r"""
 import json, sys, torch
+import transformers.video_processing_utils as vpu
 from transformers import AutoModelForImageTextToText, AutoProcessor
-ckpt, query = sys.argv[1], sys.argv[2]
+if not vpu.is_torchcodec_usable(decode="video"):  # transformers 5 decodes a video path with torchcodec, which needs
+    def fetch(self, v, sample_indices_fn=None):  # FFmpeg; without it: transformers' own decord reader, nothing else
+        if isinstance(v, list):
+            return list(zip(*[fetch(self, x, sample_indices_fn) for x in v]))
+        return vpu.load_video(v, backend="decord", sample_indices_fn=sample_indices_fn)
+    vpu.BaseVideoProcessor.fetch_videos = fetch
+ckpt, query, video, video_query = sys.argv[1:5]
 proc = AutoProcessor.from_pretrained(ckpt)
-text = lambda *vis: [{"role": "user", "content": [{"type": v} for v in vis] + [{"type": "text", "text": query}]}]
-enc = proc.apply_chat_template(text(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
 m = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
-with torch.no_grad():
-    out = m.generate(**enc, max_new_tokens=6)[0, enc["input_ids"].shape[1]:]
-prompts = {k: proc.apply_chat_template(text(*v), add_generation_prompt=True, tokenize=False)
-           for k, v in (("video", ["video"]), ("image", ["image"]), ("text", []))}
-print(json.dumps({"input_ids": enc["input_ids"][0].tolist(), "tokens": out.tolist(), "prompts": prompts}))
+text = lambda *vis: [{"role": "user", "content": [{"type": v} for v in vis] + [{"type": "text", "text": query}]}]
+got = {}
+for kind, msg in (("text", text()), ("video", [{"role": "user", "content": [{"type": "video", "path": video},
+                                                                        {"type": "text", "text": video_query}]}])):
+    enc = proc.apply_chat_template(msg, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        out = m.generate(**enc, max_new_tokens=6)[0, enc["input_ids"].shape[1]:]
+    got[kind] = {"input_ids": enc["input_ids"][0].tolist(), "tokens": out.tolist()}
+got["prompts"] = {k: proc.apply_chat_template(text(*v), add_generation_prompt=True, tokenize=False)
+                  for k, v in (("video", ["video"]), ("image", ["image"]), ("text", []))}
+print(json.dumps(got))
 """
 
 
-@pytest.mark.parametrize("stage", ["at_sft", "grpo"])
-def test_chat_template_serves_the_project_prompt(tiny_name, text_record, tmp_path, stage):
+@pytest.mark.parametrize("stage", ["at_sft", "cold_start", "grpo"])
+def test_chat_template_serves_the_project_prompt(tiny_name, text_record, demo_records, tmp_path, stage):
     """In a process importing only transformers: the saved chat template writes build_prompt's prompt (video, image,
-    text-only turns; after cold start the structured instruction is the default system turn), apply_chat_template
-    tokenizes a text-only turn to the project's input_ids, and greedy generate gives the project's tokens."""
+    text-only turns; after cold start the structured instruction is the default system turn); apply_chat_template
+    tokenizes a text-only turn and a video + query turn (the video given by its path, sampled by the saved video
+    processor) to the project's input_ids, and greedy generate gives the project's tokens. Qwen3-VL's own sampler
+    spreads the frames over the clip (the project takes one per second from 0): same frame count and prompt length,
+    other frames and timestamps (README, "Serve the trained model")."""
     import subprocess
     import sys
 
@@ -362,24 +378,35 @@ def test_chat_template_serves_the_project_prompt(tiny_name, text_record, tmp_pat
         llm.alarm.vectors.copy_(torch.randn(llm.alarm.vectors.shape, generator=g))
     structured = stage in model.STRUCTURED_STAGES
     out = str(tmp_path / "ckpt")
-    model.save_checkpoint(llm, out, meta={"stage": stage})
-    r = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, out, text_record.query], capture_output=True, text=True,
-                       cwd=str(tmp_path), check=True)
+    model.save_checkpoint(llm, out, meta={"stage": stage, "args": {"fps": data.FPS, "max_frames": data.MAX_FRAMES}})
+    assert not llm.processor.video_processor.do_sample_frames  # the project hands the processor its own frames
+    video = demo_records[0]
+    r = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, out, text_record.query, video.video, video.query],
+                       capture_output=True, text=True, cwd=str(tmp_path), check=True)
     got = json.loads(r.stdout.strip().splitlines()[-1])
 
-    batch = data.collate(llm, [text_record], structured=structured, with_target=False)
-    assert got["input_ids"] == batch["input_ids"][0].tolist()
-    completion, _ = model.generate(llm, batch, max_new_tokens=6)
-    assert model.completion_tokens(torch.tensor([got["tokens"]]), llm.eot_id) == model.completion_tokens(completion, llm.eot_id)
+    for kind, rec in (("text", text_record), ("video", video)):
+        batch = data.collate(llm, [rec], structured=structured, with_target=False)
+        ids = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+        if kind == "video" and tiny_name == "tiny-qwen3-vl":
+            assert len(got[kind]["input_ids"]) == len(ids)
+            continue
+        assert got[kind]["input_ids"] == ids, kind
+        completion, _ = model.generate(llm, batch, max_new_tokens=6)
+        assert (model.completion_tokens(torch.tensor([got[kind]["tokens"]]), llm.eot_id)
+                == model.completion_tokens(completion, llm.eot_id)), kind
     for kind, (has_video, n_images) in {"video": (True, 0), "image": (False, 1), "text": (False, 0)}.items():
         want = data.build_prompt(llm.processor, text_record.query, has_video=has_video, structured=structured,
                                  alarm=True, n_images=n_images)
         assert got["prompts"][kind] == want, kind
 
-    # the project reloads the plain template (build_prompt inserts the alarm tokens itself)
+    # the project reloads the plain template (build_prompt inserts the alarm tokens itself) and still hands the
+    # processor its own frames (collate passes do_sample_frames=False over the served setting)
     llm2 = model.load_model(out, device="cpu", dtype=torch.float32)
-    assert torch.equal(data.collate(llm2, [text_record], structured=structured, with_target=False)["input_ids"],
-                       batch["input_ids"])
+    for rec in (text_record, video):
+        batch = data.collate(llm, [rec], structured=structured, with_target=False)
+        assert torch.equal(data.collate(llm2, [rec], structured=structured, with_target=False)["input_ids"],
+                           batch["input_ids"])
 
 
 def _tied_copy(name: str, path: str) -> str:
