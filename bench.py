@@ -57,6 +57,14 @@ import rollout
 import training as T
 
 
+def frame_size(text: str) -> str:
+    """argparse type of --frame-size: WIDTHxHEIGHT, two integers >= 1 (kept as the text)."""
+    w, _, h = text.lower().partition("x")
+    if not (w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 252x224, got {text!r}")
+    return f"{int(w)}x{int(h)}"
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--mode", choices=("speed", "real-size"), default="speed", help="speed: the straightforward vs "
@@ -68,7 +76,7 @@ def parse_args(argv=None):
                    "VideoLLaMA3: 151,936)")
     g.add_argument("--frames", type=cli.positive_int, default=None, help="frames of the benchmark video (sampled at 1 "
                    "fps; default 16, real-size 4)")
-    g.add_argument("--frame-size", default=None, help="WIDTHxHEIGHT of its frames (default 252x224: the tiny "
+    g.add_argument("--frame-size", type=frame_size, default=None, help="WIDTHxHEIGHT of its frames (default 252x224: the tiny "
                    "VideoLLaMA3 gives 1,152 visual tokens for 16; real-size 112x112: 64 visual tokens for 4)")
     g.add_argument("--group-size", type=cli.number(int, low=2, what="an integer >= 2"), default=None, help="G, completions per prompt (default: the paper's 6; real-size 2)")
     g.add_argument("--completion-tokens", type=cli.positive_int, default=None, help="tokens generated per completion "
@@ -87,9 +95,11 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=cli.positive_int, default=1, help="measured GRPO steps per path (after one short warm-up step "
                    "each)")
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=cli.seed_int, default=0, help="random seed")
     g.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    if args.layers[0] == args.layers[1]:
+        p.error(f"--layers needs two different depths (the fit a + b·layers goes through both), got {args.layers}")
     real = args.mode == "real-size"  # a short sequence there: the memory of a 2B model on CPU, not its speed
     for name, speed, small in (("frames", 16, 4), ("frame_size", "252x224", "112x112"), ("group_size", 6, 2),
                                ("completion_tokens", 128, 8)):

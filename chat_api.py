@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 MAX_RETRY_AFTER = 600.0  # seconds: the longest Retry-After honoured; a server asking for more is told no
@@ -60,8 +61,14 @@ class ChatClient:
         return f"ChatClient(url={self.url!r}, model={self.model!r}, key from ${self.key_env})"
 
     def redact(self, text: str) -> str:
-        """`text` with the API key replaced by ***."""
-        return text.replace(self._key, "***") if self._key else text
+        """`text` with the API key replaced by ***, also where a server echoed it JSON-escaped or URL-quoted.
+        Redact whole texts, then cut them: a cut first could leave part of the key, which no longer matches."""
+        if not self._key:
+            return text
+        escaped = json.dumps(self._key)[1:-1]
+        for form in {self._key, escaped, escaped.replace("/", "\\/"), urllib.parse.quote(self._key, safe="")}:
+            text = text.replace(form, "***")
+        return text
 
     def _post(self, body: dict) -> bytes:
         headers = {"Content-Type": "application/json"}
@@ -78,7 +85,7 @@ class ChatClient:
             choice["message"]["content"] = self.redact(choice["message"]["content"] or "")
             return choice
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            shown = self.redact(raw[:200].decode("utf-8", "replace"))
+            shown = self.redact(raw.decode("utf-8", "replace"))[:200]
             raise APIError(f"{self.name} {self.url} sent a reply for {item} that is not an OpenAI chat completion "
                            f"(not JSON, or without choices[0].message.content): {shown!r}; check that {self.flag}-url "
                            "is an OpenAI-compatible endpoint (it usually ends in /v1)") from None
@@ -96,7 +103,7 @@ class ChatClient:
             try:
                 return self._choice(self._post(body), item)
             except urllib.error.HTTPError as e:
-                detail = self.redact(e.read()[:300].decode("utf-8", "replace"))
+                detail = self.redact(e.read().decode("utf-8", "replace"))[:300]
                 if e.code != 429 and e.code < 500:  # our request is wrong: retrying will not help
                     raise APIError(f"{self.name} {self.url} answered HTTP {e.code} for {item}: {detail!r}; check "
                                    f"{self.flag}-url, {self.flag}-model and the key in ${self.key_env}") from None

@@ -57,6 +57,7 @@ def number(kind: type, *, low=None, high=None, low_open: bool = False, what: str
 
 positive_int = number(int, low=1, what="an integer >= 1")
 nonneg_int = number(int, low=0, what="an integer >= 0")
+seed_int = number(int, low=0, high=2 ** 32 - 1, what="an integer in [0, 2**32 - 1]")  # what numpy's seed takes
 positive_float = number(float, low=0, low_open=True, what="a number > 0")
 nonneg_float = number(float, low=0, what="a number >= 0")
 unit_float = number(float, low=0, high=1, what="a number in [0, 1]")
@@ -87,7 +88,7 @@ def add_heldout_flags(g) -> None:
 
 def add_run_flags(p: argparse.ArgumentParser, seed: int, seed_help: str) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=seed, help=seed_help)
+    g.add_argument("--seed", type=seed_int, default=seed, help=seed_help)
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available; under torchrun "
                    "each process its cuda:LOCAL_RANK)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")

@@ -44,3 +44,16 @@ def test_real_size_smoke(tmp_path):
             assert lo["adam_state_bytes"] < full["adam_state_bytes"]
     llm = bench.real_arithmetic(2, 16)["llm"]  # the LLM's parameters from the config match the built model's
     assert real["runs"]["grpo_full"]["measured"][1]["llm_params"] == llm
+
+
+def test_bad_shapes_are_argparse_errors(capsys):
+    """A frame size that is not WIDTHxHEIGHT, or two equal --layers (the fit divides by their difference), stop when
+    the arguments are parsed, not after the measuring."""
+    import pytest
+
+    for argv in (["--frame-size", "252"], ["--frame-size", "0x224"], ["--frame-size", "ax2"], ["--layers", "3", "3"]):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(argv)
+        assert e.value.code == 2, argv
+        assert "--frame-size" in capsys.readouterr().err or argv[0] == "--layers"
+    assert bench.parse_args(["--frame-size", "64X32"]).frame_size == "64x32"

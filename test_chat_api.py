@@ -2,6 +2,7 @@
 after 5xx and timeouts, and one clear error when it gives up or the request is wrong; the key never shows."""
 
 import time
+import urllib.parse
 
 import pytest
 
@@ -98,6 +99,24 @@ def test_key_is_redacted_from_errors_and_replies(api_key):
         assert api_key not in str(e.value) and "***" in str(e.value)  # the body echoed the Authorization header
         text = client(api.url).complete(MESSAGES, item="record a")
         assert api_key not in text and text == "your key is ***, thanks"
+    finally:
+        api.close()
+
+
+def test_a_long_key_is_redacted_whole_where_the_message_cuts_the_body(monkeypatch):
+    """Bodies are cut to a few hundred characters for the message: redacting after the cut would let the part of a
+    long key before the cut through. Also a key echoed JSON-escaped (a '/' as '\\/') or URL-quoted."""
+    key = "sk-proj-" + "".join(chr(97 + i % 26) for i in range(150)) + "/xyz+="  # 164 characters, as OpenAI's are
+    monkeypatch.setenv("VSR1_TEST_KEY", key)
+    pieces = {key[i:i + 8] for i in range(len(key) - 8)}
+    bodies = [b"x" * 190 + key.encode(), b"x" * 100 + key.replace("/", "\\/").encode(),
+              b"x" * 10 + urllib.parse.quote(key, safe="").encode()]
+    api = FakeAPI([("echo", 401)] + [("raw", b) for b in bodies])
+    try:
+        for _ in range(1 + len(bodies)):
+            with pytest.raises(APIError) as e:
+                client(api.url, retries=0).complete(MESSAGES, item="record a")
+            assert not any(p in str(e.value) for p in pieces) and "***" in str(e.value), str(e.value)
     finally:
         api.close()
 

@@ -65,6 +65,7 @@ def parsers():
     import build_data
     import cold_start
     import eval as ev
+    import guard
 
     found = {}
     real = argparse.ArgumentParser.parse_args
@@ -76,7 +77,7 @@ def parsers():
     entry = {"at_sft": lambda a: sft.get_args(a, doc=at_sft.__doc__),
              "cold_start": lambda a: sft.get_args(a, stage="cold_start", doc=cold_start.__doc__),
              "grpo": grpo.parse_args, "eval": ev.parse_args, "bench": bench.parse_args,
-             "build_data": build_data.parse_args}
+             "build_data": build_data.parse_args, "guard": guard.parse_args}
     out = {}
     argparse.ArgumentParser.parse_args = grab
     try:
@@ -96,14 +97,14 @@ def numeric_actions():
 
 
 def test_no_numeric_flag_is_unchecked():
-    """Only --seed takes any integer; every other number goes through one of cli's checked types."""
-    plain = [(n, a.option_strings[0]) for n, a in numeric_actions() if a.type in (int, float) and a.dest != "seed"]
+    """Every number goes through one of cli's checked types (--seed too: numpy takes 0 to 2**32 - 1)."""
+    plain = [(n, a.option_strings[0]) for n, a in numeric_actions() if a.type in (int, float)]
     assert not plain, plain
     assert len(numeric_actions()) > 40  # the walk found the flags
 
 
 BAD = {"an integer >= 1": ["0", "-1", "1.5"], "an integer >= 0": ["-1", "x"], "a number > 0": ["0", "-2", "nan"],
-       "a number >= 0": ["-0.1", "inf"], "a number in [0, 1]": ["-0.1", "1.5"], "a number in (0, 1]": ["0", "1.01"]}
+       "a number >= 0": ["-0.1", "inf"], "an integer in [0, 2**32 - 1]": ["-1", "4294967296"], "a number in [0, 1]": ["-0.1", "1.5"], "a number in (0, 1]": ["0", "1.01"]}
 
 
 def test_every_bad_number_is_an_argparse_error(capsys):
