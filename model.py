@@ -186,11 +186,24 @@ def check_model_path(name_or_path: str, what: str = "model") -> None:
     if os.path.exists(p):
         raise NotADirectoryError(f"{what} {p} is a file; a model is a folder with config.json (or a hub name)")
     looks_like_path = p.startswith(("/", ".", "~")) or p.count("/") >= 2 or p.endswith("/") or "\\" in p
-    if looks_like_path:
-        stage = os.path.basename(os.path.normpath(p))
+    stage = os.path.basename(os.path.normpath(p))
+    if looks_like_path or stage in STAGES:  # runs/at_sft, ckpt/grpo: a stage's --out, not a hub id
         hint = (f"; run {stage}.py first (its --out is {p}) or pass --model" if stage in STAGES else
                 "; check the path")
         raise FileNotFoundError(f"{what} {p} not found: no such folder{hint}")
+    if not _hub_id(p):  # "my model", "a..b": no hub could hold it, so say so rather than the hub's rules
+        raise FileNotFoundError(f"{what} {p} not found: no such folder, and not a Hugging Face hub id either "
+                                "(org/name); check the path")
+
+
+def _hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        return True
+    except HFValidationError:
+        return False
 
 
 def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,

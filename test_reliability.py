@@ -55,6 +55,9 @@ def test_model_paths_say_what_is_wrong(tmp_path):
         str(tmp_path / "nope" / "at_sft"): "not found: no such folder; run at_sft.py first",
         str(tmp_path / "x" / "y"): "not found: no such folder; check the path",
         str(tmp_path): "is a folder without config.json",
+        "ckpts/cold_start": "not found: no such folder; run cold_start.py first",  # one slash: not taken for org/name
+        "my model": "not a Hugging Face hub id either",
+        "a..b": "not a Hugging Face hub id either",
     }
     (tmp_path / "weights.bin").write_bytes(b"0")
     cases[str(tmp_path / "weights.bin")] = "is a file"
