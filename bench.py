@@ -72,13 +72,14 @@ def parse_args(argv=None):
     g = p.add_argument_group("shape")
     g.add_argument("--model", default="tiny-videollama3", help="a tiny family (built here with --vocab-size) or a "
                    "model name / path")
-    g.add_argument("--vocab-size", type=cli.positive_int, default=151936, help="vocabulary of the tiny model (Qwen2.5 / "
-                   "VideoLLaMA3: 151,936)")
+    g.add_argument("--vocab-size", type=cli.positive_int, default=151936,
+                   help="vocabulary of the tiny model (Qwen2.5 / VideoLLaMA3: 151,936)")
     g.add_argument("--frames", type=cli.positive_int, default=None, help="frames of the benchmark video (sampled at 1 "
                    "fps; default 16, real-size 4)")
-    g.add_argument("--frame-size", type=frame_size, default=None, help="WIDTHxHEIGHT of its frames (default 252x224: the tiny "
-                   "VideoLLaMA3 gives 1,152 visual tokens for 16; real-size 112x112: 64 visual tokens for 4)")
-    g.add_argument("--group-size", type=cli.number(int, low=2, what="an integer >= 2"), default=None, help="G, completions per prompt (default: the paper's 6; real-size 2)")
+    g.add_argument("--frame-size", type=frame_size, default=None, help="WIDTHxHEIGHT of its frames (default 252x224: "
+                   "the tiny VideoLLaMA3 gives 1,152 visual tokens for 16; real-size 112x112: 64 visual tokens for 4)")
+    g.add_argument("--group-size", type=cli.number(int, low=2, what="an integer >= 2"), default=None,
+                   help="G, completions per prompt (default: the paper's 6; real-size 2)")
     g.add_argument("--completion-tokens", type=cli.positive_int, default=None, help="tokens generated per completion "
                    "(default 128; real-size 8)")
     g.add_argument("--prompts", type=cli.positive_int, nargs="+", default=[1], help="prompts per GRPO step (grpo.py's "
@@ -89,11 +90,11 @@ def parse_args(argv=None):
     g.add_argument("--scale", type=cli.positive_int, default=1, help="divide every width and the vocabulary by this "
                    "(1: the real widths; 8 for a quick test; the vision encoder's heads are divided too)")
     g.add_argument("--text-tokens", type=cli.positive_int, default=256, help="target tokens of the SFT step's sample")
-    g.add_argument("--vision-layers", type=cli.positive_int, default=None, help="layers of the vision encoder (default: "
-                   "the real 27; fewer only for a quick test: the LLM's figures do not depend on it)")
+    g.add_argument("--vision-layers", type=cli.positive_int, default=None, help="layers of the vision encoder "
+                   "(default: the real 27; fewer only for a quick test: the LLM's figures do not depend on it)")
     g = p.add_argument_group("run")
-    g.add_argument("--steps", type=cli.positive_int, default=1, help="measured GRPO steps per path (after one short warm-up step "
-                   "each)")
+    g.add_argument("--steps", type=cli.positive_int, default=1,
+                   help="measured GRPO steps per path (after one short warm-up step each)")
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     g.add_argument("--seed", type=cli.seed_int, default=0, help="random seed")
     g.add_argument("--json", default=None, help="also write the figures to this JSON file")

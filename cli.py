@@ -102,11 +102,11 @@ def add_snapshot_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
     g = p.add_argument_group("memory and snapshots")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward to save "
                    "memory (generation keeps its KV cache)")
-    g.add_argument("--save-every", type=nonneg_int, default=50, help="write a resumable snapshot to OUT/resume every N steps "
-                   "(0 = only at the end)")
+    g.add_argument("--save-every", type=nonneg_int, default=50,
+                   help="write a resumable snapshot to OUT/resume every N steps (0 = only at the end)")
     g.add_argument("--resume", action="store_true", help=resume_help)
-    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none", help="also write every logged number "
-                   "live to a TensorBoard log in OUT/tensorboard (optional: pip install tensorboard; then "
+    g.add_argument("--report-to", choices=("none", "tensorboard"), default="none", help="also write every logged "
+                   "number live to a TensorBoard log in OUT/tensorboard (optional: pip install tensorboard; then "
                    "tensorboard --logdir OUT). OUT/metrics.jsonl and OUT/curves.png are written either way")
 
 

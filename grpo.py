@@ -91,20 +91,21 @@ def parse_args(argv=None):
     cli.add_heldout_flags(g)
     g.add_argument("--out", default="runs/demo/grpo", help="output checkpoint directory (+ metrics.jsonl)")
     g = p.add_argument_group("rollout")
-    g.add_argument("--batch-size", type=cli.positive_int, default=8, help="prompts per step, all processes together (authors: "
-                   "8 GPUs x 1 prompt)")
-    g.add_argument("--group-size", type=cli.number(int, low=2, what="an integer >= 2 (the advantage normalises by the group's std)"), default=6, help="G, completions sampled per prompt (paper: 6; at "
-                   "least 2)")
-    g.add_argument("--max-completion-length", type=cli.positive_int, default=M.MAX_NEW_TOKENS, help="max new tokens per "
-                   "completion (paper: 768)")
+    g.add_argument("--batch-size", type=cli.positive_int, default=8,
+                   help="prompts per step, all processes together (authors: 8 GPUs x 1 prompt)")
+    g.add_argument("--group-size",
+                   type=cli.number(int, low=2, what="an integer >= 2 (the advantage normalises by the group's std)"),
+                   default=6, help="G, completions sampled per prompt (paper: 6; at least 2)")
+    g.add_argument("--max-completion-length", type=cli.positive_int, default=M.MAX_NEW_TOKENS,
+                   help="max new tokens per completion (paper: 768)")
     g.add_argument("--temperature", type=cli.positive_float, default=1.0, help="sampling temperature (paper: 1.0)")
     g.add_argument("--top-p", type=cli.probability, default=M.TOP_P, help="nucleus sampling (paper: 0.95)")
-    g.add_argument("--top-k", type=cli.nonneg_int, default=None, help="keep the k most likely tokens before top-p (0 = off, "
-                   "the paper's stated setting; with k the nucleus is found among k candidates, much cheaper; "
+    g.add_argument("--top-k", type=cli.nonneg_int, default=None, help="keep the k most likely tokens before top-p (0 = "
+                   "off, the paper's stated setting; with k the nucleus is found among k candidates, much cheaper; "
                    "default: the recipe's, paper 0, authors 50)")
     g = p.add_argument_group("reward (DRA)")
-    g.add_argument("--alpha-min", type=cli.nonneg_float, default=R.ALPHA_MIN, help="ROUGE weight when both labels are right "
-                   "(paper: 0.1)")
+    g.add_argument("--alpha-min", type=cli.nonneg_float, default=R.ALPHA_MIN,
+                   help="ROUGE weight when both labels are right (paper: 0.1)")
     g.add_argument("--alpha-max", type=cli.nonneg_float, default=R.ALPHA_MAX, help="ROUGE weight when a label is wrong "
                    "(paper: 0.5)")
     g.add_argument("--gamma-v", type=cli.nonneg_float, default=R.GAMMA_V, help="γ_v, weight of the video-label reward "
@@ -112,21 +113,23 @@ def parse_args(argv=None):
     g.add_argument("--gamma-t", type=cli.nonneg_float, default=R.GAMMA_T, help="γ_t, weight of the text-label reward "
                    "(paper: 1.0)")
     g = p.add_argument_group("loss")
-    g.add_argument("--epsilon", type=cli.positive_float, default=EPSILON, help="ε, clip range of the ratio (paper: 0.2)")
-    g.add_argument("--beta", type=cli.nonneg_float, default=BETA, help="β, weight of the k3 KL to the reference (paper: 0.04; "
-                   "0 = no reference model)")
+    g.add_argument("--epsilon", type=cli.positive_float, default=EPSILON,
+                   help="ε, clip range of the ratio (paper: 0.2)")
+    g.add_argument("--beta", type=cli.nonneg_float, default=BETA,
+                   help="β, weight of the k3 KL to the reference (paper: 0.04; 0 = no reference model)")
     g.add_argument("--loss-avg", choices=("sequence", "token"), default="sequence", help="sequence: mean over each "
                    "completion's tokens, then over completions (paper); token: mean over all tokens of the batch")
-    g.add_argument("--passes", type=cli.positive_int, default=1, help="optimizer steps per rollout batch (paper: 1; >1 makes the "
-                   "clip matter)")
+    g.add_argument("--passes", type=cli.positive_int, default=1,
+                   help="optimizer steps per rollout batch (paper: 1; >1 makes the clip matter)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=cli.positive_float, default=1.0, help="passes over the prompts (paper: 1)")
-    g.add_argument("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many rollout steps (0 = no cap)")
+    g.add_argument("--max-steps", type=cli.nonneg_int, default=0,
+                   help="stop after this many rollout steps (0 = no cap)")
     g.add_argument("--lr", type=cli.nonneg_float, default=M.LR_LLM, help="AdamW learning rate of the LLM (paper: 1e-6)")
     g.add_argument("--weight-decay", type=cli.nonneg_float, default=0.01, help="AdamW weight decay (paper: 0.01)")
     g.add_argument("--max-grad-norm", type=cli.positive_float, default=5.0, help="gradient clipping norm (paper: 5)")
-    g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO, help="share of optimizer steps of linear "
-                   "warmup before cosine decay (paper: 0.03)")
+    g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO,
+                   help="share of optimizer steps of linear warmup before cosine decay (paper: 0.03)")
     RC.add_flag(p.add_argument_group("recipe"))
     cli.add_video_flags(p)
     cli.add_lora_flags(p)

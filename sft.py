@@ -45,18 +45,20 @@ def get_args(argv=None, stage: str = "at_sft", doc: str | None = None, **default
     g.add_argument("--out", default=f"runs/demo/{stage}", help="output checkpoint directory (+ metrics.jsonl)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=cli.positive_float, default=1.0, help="passes over the data (paper: 1)")
-    g.add_argument("--max-steps", type=cli.nonneg_int, default=0, help="stop after this many optimizer steps (0 = no cap)")
+    g.add_argument("--max-steps", type=cli.nonneg_int, default=0,
+                   help="stop after this many optimizer steps (0 = no cap)")
     g.add_argument("--batch-size", type=cli.positive_int, default=4, help="records per micro-batch")
-    g.add_argument("--grad-accum", type=cli.positive_int, default=32, help="micro-batches per optimizer step in each process "
-                   "(global batch = batch-size x grad-accum x processes; paper: 128)")
-    g.add_argument("--lr-llm", type=cli.nonneg_float, default=M.LR_LLM, help="learning rate of the language model (paper: 1e-6)")
+    g.add_argument("--grad-accum", type=cli.positive_int, default=32, help="micro-batches per optimizer step in each "
+                   "process (global batch = batch-size x grad-accum x processes; paper: 128)")
+    g.add_argument("--lr-llm", type=cli.nonneg_float, default=M.LR_LLM,
+                   help="learning rate of the language model (paper: 1e-6)")
     g.add_argument("--lr-alarm", type=cli.nonneg_float, default=M.LR_ALARM, help=atc_only("learning rate of the alarm vectors "
                    "(paper: 1e-5)"))
     g.add_argument("--lr-heads", type=cli.nonneg_float, default=M.LR_HEADS, help=atc_only("learning rate of the ATC heads "
                    "(paper: 1e-5)"))
     g.add_argument("--weight-decay", type=cli.nonneg_float, default=0.0, help="AdamW weight decay (paper: 0)")
-    g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO, help="share of steps of linear warmup "
-                   "before cosine decay (paper: 0.03)")
+    g.add_argument("--warmup-ratio", type=cli.unit_float, default=T.WARMUP_RATIO,
+                   help="share of steps of linear warmup before cosine decay (paper: 0.03)")
     g.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradient clipping norm")
     g = p.add_argument_group("AT-SFT loss" if stage == "at_sft" else None)
     g.add_argument("--lambda-v", type=cli.nonneg_float, default=LAMBDA_V, help=atc_only("λ1, weight of the video ATC loss "
