@@ -41,6 +41,7 @@ judges.py):
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections import defaultdict
@@ -61,10 +62,17 @@ import recipe as RC
 import rewards
 from data import DataError, collate, load_records, structured_target
 from judges import Verdict
-from model import MAX_NEW_TOKENS, check_model_path, checkpoint_meta, generate, load_model
+from model import DTYPES, MAX_NEW_TOKENS, check_model_path, checkpoint_meta, generate, load_model
 
 # -----------------------------------------------------------------------------
 # Config: every flag, its default and what it does. Dumped into metrics.json.
+
+
+def judge_spec(spec: str) -> str:
+    """--judge, checked when the command line is parsed (before --out is touched or anything loads)."""
+    if spec in ("rule", "openai") or (spec.startswith("hf:") and spec[3:].strip()):
+        return spec
+    raise argparse.ArgumentTypeError(f"{spec!r}: use rule, openai or hf:<name-or-path>")
 
 
 def parse_args(argv=None):
@@ -86,7 +94,8 @@ def parse_args(argv=None):
                    "paper's DSR drop; writes *.no_video.* files beside the video run's in --out")
     g.add_argument("--plain-prompt", action="store_true", help="ask the bare query, without the structured-output "
                    "instruction (format rate and tag accuracies then mean little)")
-    g.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on a GPU that has it, else fp32)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), metavar="{bf16,fp16,fp32,auto}",
+                   help="bf16, fp16 or fp32 (default, or auto: bf16 on a GPU that has it, else fp32)")
     RC.add_flag(g, default=None, help_extra="; the prompt a checkpoint was trained with (default: the recipe in its "
                 "videosafety_meta.json, paper for any other model)")
     g = p.add_argument_group("generation")
@@ -96,7 +105,7 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=cli.nonneg_float, default=0.0, help="0 = greedy; > 0 samples")
     g.add_argument("--top-p", type=cli.probability, default=1.0, help="nucleus sampling, only when sampling")
     g = p.add_argument_group("judge")
-    g.add_argument("--judge", default="rule", help="rule (offline phrase detector), openai (any OpenAI-compatible "
+    g.add_argument("--judge", default="rule", type=judge_spec, help="rule (offline phrase detector), openai (any OpenAI-compatible "
                    "chat API) or hf:<name-or-path> (a local guard or instruct model)")
     g.add_argument("--judge-url", default="https://api.openai.com/v1", help="base URL of the API, e.g. "
                    "http://localhost:8000/v1 (vLLM) or https://dashscope.aliyuncs.com/compatible-mode/v1 (Qwen)")
@@ -380,10 +389,11 @@ def read_run(directory: str) -> tuple[dict | None, dict | None]:
 # Predictions file: append-only, one JSON line per record, read back on resume.
 
 
-def read_predictions(path: str) -> list[dict]:
-    """Finished predictions. A line cut short by an interruption is dropped (and cut from the file), whatever byte
-    it ends on (outdir.read_jsonl)."""
-    return outdir.read_jsonl(path)
+def read_predictions(path: str, repair: bool = False) -> list[dict]:
+    """Finished predictions. A line cut short by an interruption is dropped, whatever byte it ends on; it is cut
+    from the file only with repair=True, which only the run holding the file's --out lock passes (a resumed eval
+    about to append; outdir.read_jsonl). Other readers (--compare, --rejudge's source) leave the file as it is."""
+    return outdir.read_jsonl(path, repair=repair)
 
 
 def prediction(record, response: str, verdict: Verdict, p_v: float | None, p_t: float | None,
@@ -456,9 +466,12 @@ def make_judge(args):
 
 
 def check_resume(out: str, suffix: str, config: dict) -> None:
-    """Resuming into `out`: refuse to mix predictions of two different runs; then (re)write the config."""
+    """Resuming into `out`: refuse to mix predictions of two different runs; then (re)write the config. A config
+    beside no prediction (predictions*.jsonl absent or empty) holds no run: it is what a failed start left (a
+    model that did not load, a judge that could not be reached), and it is replaced by this run's."""
     cfg_path = os.path.join(out, f"config{suffix}.json")
-    if (old := load_json(cfg_path)) is not None:
+    done = read_predictions(os.path.join(out, f"predictions{suffix}.jsonl"), repair=True)  # we hold the lock
+    if (old := load_json(cfg_path)) is not None and done:
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in RESUME_KEYS
                          if old.get(k) != config.get(k))
         if diff:
@@ -511,10 +524,10 @@ def evaluate(args) -> dict:
     bench, records = read_records(args.data, args.format, images=args.images, videos=args.videos,
                                   skip_bad=args.skip_bad_records, skipped=skipped)
     records = records[: args.limit]
-    check_resume(out, suffix, config)  # after the records: a failed start writes nothing into --out
+    check_resume(out, suffix, config)  # after the records; a config left by a later failure is replaced
     note_unstructured(records, bench)
     pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
-    done = {p["id"] for p in read_predictions(pred_path)}
+    done = {p["id"] for p in read_predictions(pred_path, repair=True)}  # ours: locked
     todo = [r for r in records if r.id not in done]
     print(f"{len(records)} records{f' of {bench}' if bench else ''}, {len(records) - len(todo)} already in "
           f"{pred_path}, {len(todo)} to go")
@@ -573,9 +586,9 @@ def rejudge(args) -> dict:
         if missing := [p["id"] for p in preds if p["id"] not in by_id]:
             raise DataError(f"{src}: {len(missing)} predictions (e.g. id {missing[0]!r}) have no record in "
                             f"{old['data']} any more; judge them again from the data they were made from")
-        check_resume(out, suffix, config)  # after the checks: a failed start writes nothing into --out
+        check_resume(out, suffix, config)  # after the checks; a config left by a later failure is replaced
         pred_path = os.path.join(out, f"predictions{suffix}.jsonl")
-        done = {p["id"] for p in read_predictions(pred_path)}
+        done = {p["id"] for p in read_predictions(pred_path, repair=True)}  # ours: locked
         todo = [p for p in preds if p["id"] not in done]
         print(f"{src}{suffix}: {len(preds)} predictions, {len(preds) - len(todo)} already judged in {pred_path}")
         if todo:

@@ -49,6 +49,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The --dtype names load_model takes ("auto": the device's default_dtype).
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def default_dtype(device: str) -> torch.dtype:
     """bf16 on a GPU that supports it, fp32 on CPU."""
     if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -221,8 +226,7 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
         name_or_path = demo.tiny_model_path(name_or_path)
     device = device or default_device()
     if isinstance(dtype, str):
-        dtype = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+        dtype = DTYPES[dtype]
     dtype = dtype or default_dtype(device)
     kw = {"trust_remote_code": trust_remote_code}
     if attn_implementation:

@@ -5,9 +5,12 @@
   (atomic on every local file system) holding the owner's pid and host; it is removed when the process exits.
   A lock whose process is gone (killed with SIGKILL, the machine rebooted) is stale and taken over, so a
   crash never blocks the next run.
-- `read_jsonl(path)`: the rows of an append-only JSONL file (predictions.jsonl, metrics.jsonl), read as bytes:
-  a process killed mid-write leaves a torn last line, possibly ending inside a multi-byte UTF-8 character,
-  which is dropped (and cut from the file, so appending resumes on a clean line).
+- `read_jsonl(path, repair=False)`: the rows of an append-only JSONL file (predictions.jsonl, metrics.jsonl),
+  read as bytes: a process killed mid-write leaves a torn last line, possibly ending inside a multi-byte UTF-8
+  character, which is dropped. Only the file's owner (the run holding the folder's lock, about to append to it)
+  passes repair=True to cut it from the file, so appending resumes on a clean line; any other reader (eval
+  --compare, --rejudge's source run, plots.py) leaves the file untouched, as a live writer may still be
+  finishing that line.
 - `truncate_after(path, keep)`: cut a JSONL log after the last row `keep` accepts (a resumed run continues its
   log from the snapshot's step instead of repeating the steps done after it).
 """
@@ -100,9 +103,12 @@ def release(out: str) -> None:
         pass
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """The rows of an append-only JSONL file; [] if it does not exist. A torn last line (no newline at its end,
-    or one that is not valid UTF-8 JSON) is dropped and cut from the file; a bad line elsewhere is dropped too."""
+def read_jsonl(path: str, repair: bool = False) -> list[dict]:
+    """The rows of an append-only JSONL file; [] if it does not exist. A torn last line (one that is not valid
+    UTF-8 JSON) is dropped; a bad line elsewhere is dropped too. The file is never written unless repair=True,
+    which only the run that owns the file (holds its folder's lock) may ask for: then a torn line is cut from the
+    file and a last line without its newline is ended with one, so the owner's appends start on a clean line.
+    A reader that does not own the file must not repair it: a live writer's later lines would be lost."""
     if not os.path.isfile(path):
         return []
     with open(path, "rb") as f:
@@ -118,7 +124,7 @@ def read_jsonl(path: str) -> list[dict]:
             row, cut = None, True
         if row is not None:
             rows.append(row)
-    if cut or (raw and not raw.endswith(b"\n")):
+    if repair and (cut or (raw and not raw.endswith(b"\n"))):
         _rewrite(path, rows)
     return rows
 
@@ -133,7 +139,7 @@ def _rewrite(path: str, rows: list[dict]) -> None:
 def truncate_after(path: str, keep) -> int:
     """Cut the JSONL file at `path` after its last row for which keep(row) is true (rows after it are dropped);
     return how many rows were dropped. Nothing is cut when no row matches (the log is kept whole)."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, repair=True)  # the owner's log (training's open_log on resume)
     last = max((i for i, r in enumerate(rows) if keep(r)), default=None)
     if last is None or last == len(rows) - 1:
         return 0

@@ -96,6 +96,8 @@ def test_read_predictions_drops_a_cut_line(tmp_path):
     path = tmp_path / "predictions.jsonl"
     path.write_text(json.dumps({"id": "a"}) + "\n" + json.dumps({"id": "b"}) + "\n" + '{"id": "c", "resp')
     assert [p["id"] for p in ev.read_predictions(str(path))] == ["a", "b"]
+    assert path.read_text().endswith('"resp')  # a reader that does not own the file leaves it as it is
+    assert [p["id"] for p in ev.read_predictions(str(path), repair=True)] == ["a", "b"]  # the --out lock's owner
     assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")  # ready to append to
 
 

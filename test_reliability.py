@@ -179,6 +179,8 @@ def test_torn_utf8_last_line_is_dropped_and_cut(tmp_path, cut):
     path = tmp_path / "predictions.jsonl"
     path.write_bytes(whole + torn[:at])
     assert ev.read_predictions(str(path)) == rows
+    assert path.read_bytes() == whole + torn[:at]  # a reader that does not own the file leaves it as it is
+    assert ev.read_predictions(str(path), repair=True) == rows  # the owner (holding the --out lock) cuts it
     assert path.read_bytes() == whole  # cut at the last good newline: appending resumes on a clean line
     assert ev.read_predictions(str(path)) == rows
 
@@ -187,7 +189,30 @@ def test_last_line_complete_but_without_newline_is_kept(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}')
     assert outdir.read_jsonl(str(path)) == [{"id": "a"}, {"id": "b"}]
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}'  # not the owner: untouched
+    assert outdir.read_jsonl(str(path), repair=True) == [{"id": "a"}, {"id": "b"}]
     assert path.read_text().endswith("}\n")
+
+
+def test_readers_that_do_not_own_a_file_never_rewrite_it(tmp_path):
+    """eval --compare, --rejudge's source run and plots.py read files another run may still be appending to:
+    they ignore a torn last line and leave the file byte-identical (repairing it would lose the writer's next
+    lines). Only the owner's paths repair: eval's resume, truncate_after (training's resumed log)."""
+    import plots
+
+    log = tmp_path / "metrics.jsonl"
+    raw = ('{"config": {}}\n{"step": 1, "loss": 0.5}\n' + '{"step": 2, "loss": 0.4').encode()
+    log.write_bytes(raw)
+    assert [r["step"] for r in plots.step_rows(str(log))] == [1]
+    assert outdir.read_jsonl(str(log)) == [{"config": {}}, {"step": 1, "loss": 0.5}]
+    assert log.read_bytes() == raw
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "predictions.jsonl").write_bytes(b'{"id": "a"}\n{"id": "b", "respo')
+    assert ev.read_predictions(str(src / "predictions.jsonl")) == [{"id": "a"}]
+    assert (src / "predictions.jsonl").read_bytes() == b'{"id": "a"}\n{"id": "b", "respo'
+    assert outdir.truncate_after(str(log), lambda r: r.get("step") == 1) == 0  # the owner: cut on its way
+    assert log.read_bytes() == b'{"config": {}}\n{"step": 1, "loss": 0.5}\n'
 
 
 # -----------------------------------------------------------------------------
@@ -277,6 +302,40 @@ def test_failed_eval_start_writes_nothing_and_the_fixed_rerun_runs(demo_dir, tmp
     r = run_script("eval.py", "--data", fixed, *common, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     assert json.load(open(out / "metrics.json"))["n"] == 2
+
+
+def test_a_start_that_fails_after_its_config_does_not_block_the_corrected_rerun(demo_dir, tmp_path):
+    """A model that does not load, or a judge that cannot be reached, fails after eval.py wrote its config (and
+    maybe an empty predictions.jsonl): that config holds no prediction, so the rerun with other settings into the
+    same --out replaces it instead of refusing "a run with other settings"."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # passes check_model_path, fails in from_pretrained
+    out = tmp_path / "e"
+    common = ["--data", os.path.join(demo_dir, "eval.jsonl"), "--out", str(out), "--max-new-tokens", "2",
+              "--limit", "2", "--batch-size", "2", "--device", "cpu"]
+    with pytest.raises(Exception):
+        ev.main([*common, "--model", str(broken)])
+    assert (out / "config.json").exists()  # the failed start's config
+    # a judge that cannot be reached: fails at its first request, after the predictions file was opened
+    with pytest.raises((Exception, SystemExit)):
+        ev.main([*common, "--judge", "openai", "--judge-url", "http://127.0.0.1:9/v1", "--judge-retries", "0",
+                 "--judge-timeout", "2"])
+    assert json.load(open(out / "config.json"))["judge"] == "openai"
+    assert not ev.read_predictions(str(out / "predictions.jsonl"))
+    ev.main(common)  # the corrected rerun: the right model, the rule judge, the same --out
+    assert json.load(open(out / "metrics.json"))["n"] == 2
+    assert json.load(open(out / "config.json"))["model"] == "tiny-videollama3"
+    with pytest.raises(SystemExit, match="other settings"):  # a config beside predictions still guards them
+        ev.main([*common, "--max-new-tokens", "3"])
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "fp64"], ["--judge", "gpt4"], ["--judge", "hf:"]])
+def test_bad_dtype_and_judge_are_refused_when_parsed(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(argv)
+    assert e.value.code == 2 and repr(argv[1]) in capsys.readouterr().err  # one usage line, no KeyError
+    assert ev.parse_args(["--dtype", "bf16", "--judge", "hf:Qwen/Qwen3Guard-Gen-0.6B"]).dtype == "bf16"
 
 
 # -----------------------------------------------------------------------------
