@@ -273,7 +273,8 @@ def run_order(n: int, needed: int, seed: int) -> list[int]:
 
 def sample_indices(num_frames: int, native_fps: float, fps: float, max_frames: int) -> np.ndarray:
     """Frame indices at `fps` (one every native_fps/fps frames, from frame 0); if that gives more than
-    `max_frames`, `max_frames` indices spread uniformly over the whole clip instead."""
+    `max_frames`, `max_frames` indices spread uniformly over the whole clip instead. The sampler of a model
+    without a video processor of its own (build_data's static filter and labeller frames use it too)."""
     step = native_fps / fps
     idx = np.floor(np.arange(0, num_frames, step)).astype(int) if step > 0 else np.array([0])
     if len(idx) > max_frames:
@@ -281,8 +282,38 @@ def sample_indices(num_frames: int, native_fps: float, fps: float, max_frames: i
     return idx[idx < num_frames]
 
 
-def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES, rid: str = "?"):
-    """Return (frames uint8 (T, H, W, 3), transformers VideoMetadata with the real fps and frame indices)."""
+def served_sampling(fps: float, max_frames: int) -> dict:
+    """The video processor settings under which transformers samples a video path itself, at the run's fps and
+    frame cap: what a saved checkpoint's processor holds (model.save_checkpoint), and what frame_sampler uses."""
+    return {"do_sample_frames": True, "fps": float(fps), "max_frames": int(max_frames), "num_frames": None}
+
+
+def frame_sampler(processor, fps: float = FPS, max_frames: int = MAX_FRAMES):
+    """The frame indices the model's own video processor picks from a clip at `fps` and at most `max_frames`
+    (a function of a VideoMetadata), or None for a processor without a sampler that honours a frame cap.
+
+    Why the model's own rule and not sample_indices: a saved checkpoint's processor samples a video path itself
+    (served_sampling), so training, eval and a plain transformers or vLLM user then see the same frames on every
+    clip. The families differ: Qwen2.5-VL takes an even count, at least 4 (min_frames), spread from frame 0;
+    VideoLLaMA3 the same with any count; Qwen3-VL spreads them from the first frame to the last."""
+    import copy
+
+    vp = getattr(processor, "video_processor", None)
+    if vp is None or not hasattr(vp, "sample_frames") or not hasattr(vp, "max_frames"):
+        return None
+    vp = copy.copy(vp)  # the served settings on a copy: the processor itself keeps handing frames through
+    for k, v in served_sampling(fps, max_frames).items():
+        setattr(vp, k, v)
+
+    def sample(meta) -> np.ndarray:
+        return np.asarray(vp.sample_frames(metadata=meta), dtype=np.int64)  # the attributes, as at serve time
+
+    return sample
+
+
+def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES, rid: str = "?", sampler=None):
+    """Return (frames uint8 (T, H, W, 3), transformers VideoMetadata with the real fps and frame indices).
+    sampler: frame_sampler's function (the model's own rule); None = sample_indices."""
     import decord
     from transformers.video_utils import VideoMetadata
 
@@ -300,7 +331,17 @@ def read_video(path: str, fps: float = FPS, max_frames: int = MAX_FRAMES, rid: s
     if n / native < 1 / fps:  # not even one sampling interval: the clip would be read as a still image
         raise DataError(f"record {rid}: video {path} lasts {n / native:.3g} s, shorter than one frame at --fps {fps:g} "
                         f"({1 / fps:.3g} s); raise --fps or drop the record")
-    idx = sample_indices(n, native, fps, max_frames)
+    if sampler is None:
+        idx = sample_indices(n, native, fps, max_frames)
+    else:
+        try:
+            idx = sampler(VideoMetadata(total_num_frames=n, fps=native, duration=n / native))
+        except (ValueError, ZeroDivisionError) as e:  # a clip too short for the family's rule (Qwen: 2 frames)
+            raise DataError(f"record {rid}: the model's video processor cannot sample video {path} ({n} frames at "
+                            f"{native:g} fps): {type(e).__name__}: {str(e)[:200]}") from None
+        if len(idx) == 0:
+            raise DataError(f"record {rid}: the model's video processor samples no frame of video {path} "
+                            f"({n} frames at {native:g} fps); raise --fps or drop the record")
     frames = vr.get_batch(idx.tolist()).asnumpy()  # (T, H, W, 3)
     meta = VideoMetadata(total_num_frames=n, fps=native, height=frames.shape[1], width=frames.shape[2],
                          duration=n / native, video_backend="decord", frames_indices=idx.tolist())
@@ -529,12 +570,14 @@ def collate(llm, records: list[Record], *, structured: bool, with_target: bool, 
     alarm = llm.alarm is not None if alarm is None else alarm
     eot = end_of_turn(proc)
     texts, videos, metas, images, kept, tails = [], [], [], [], [], []
+    sampler = frame_sampler(proc, fps, max_frames)  # the frames a served checkpoint's processor would pick
     for r in records:
         has_video = r.video is not None and not no_video
         try:
             if r.turns and not with_target:
                 raise DataError(MULTI_TURN_PROMPT)
-            video = read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id) if has_video else None
+            video = (read_video(r.video, fps=fps, max_frames=max_frames, rid=r.id, sampler=sampler)
+                     if has_video else None)
             pics = [] if no_video else [read_image(x, rid=r.id) for x in r.image or []]
             tail = None  # a multi-turn record's turns after the prompt (with_target): (text, answer spans)
             if r.turns:

@@ -278,12 +278,11 @@ def servable(llm: VideoLLM, state_dict: dict | None = None) -> None:
 @contextlib.contextmanager
 def served_video_sampling(processor, fps: float, max_frames: int):
     """While the processor is saved: its video processor samples a video path's frames itself, at the fps and frame
-    cap the checkpoint was trained with. The project samples frames in data.read_video and hands the processor
-    those (do_sample_frames off), so the setting is for serving only and is undone after the save. transformers
-    then reads the same frames as data.sample_indices where a clip's frame count at `fps` fits the family's
-    temporal patch (Qwen: an even count, at least 4); elsewhere it rounds to it (README, "Serve the trained model")."""
+    cap the checkpoint was trained with (data.served_sampling). The project picks the frames by the same rule
+    (data.frame_sampler) in data.read_video and hands the processor those (do_sample_frames off), so the setting
+    is for serving only and is undone after the save: a plain transformers user gets the project's frames."""
     vp = getattr(processor, "video_processor", None)
-    served = {"do_sample_frames": True, "fps": float(fps), "max_frames": int(max_frames), "num_frames": None}
+    served = data.served_sampling(fps, max_frames)
     old = {k: getattr(vp, k, None) for k in served}
     try:
         if vp is not None:

@@ -91,6 +91,53 @@ def test_read_video(clips, clip, fps, max_frames, expected):
     assert [frame_number(f) for f in frames] == expected
 
 
+# The families' own rules, by hand (transformers' sample_frames; the served checkpoints hold fps 1, cap 90 or 4):
+# VideoLLaMA3 / Qwen2.5-VL: n = clamp(seconds * fps, min_frames 4, cap), floored to the temporal patch (1 / 2),
+# indices int(arange(0, total, total / n)); Qwen3-VL: n = clamp(int(seconds * fps), 4, cap), round(linspace(0,
+# total - 1, n)). "7f_2fps" is 3.5 s: 3.5 frames at 1 fps, which no family reads as data.sample_indices does.
+FAMILY_FRAMES = {
+    ("4fps_4s", 90): {"tiny-videollama3": [0, 4, 8, 12], "tiny-qwen2.5-vl": [0, 4, 8, 12],
+                      "tiny-qwen3-vl": [0, 5, 10, 15]},
+    ("30fps_3s", 90): {"tiny-videollama3": [0, 22, 45, 67], "tiny-qwen2.5-vl": [0, 22, 45, 67],
+                       "tiny-qwen3-vl": [0, 30, 59, 89]},
+    ("1fps_100s", 4): {"tiny-videollama3": [0, 25, 50, 75], "tiny-qwen2.5-vl": [0, 25, 50, 75],
+                       "tiny-qwen3-vl": [0, 33, 66, 99]},
+    ("7f_2fps", 90): {"tiny-videollama3": [0, 1, 3, 5], "tiny-qwen2.5-vl": [0, 1, 3, 5],
+                      "tiny-qwen3-vl": [0, 2, 4, 6]},
+}
+
+
+@pytest.mark.parametrize("clip,max_frames", list(FAMILY_FRAMES))
+def test_frames_follow_the_model_s_own_sampler(clips, tmp_path, tiny_name, clip, max_frames):
+    """collate reads the frames the model's video processor would pick itself (what a served checkpoint does with
+    a video path): the family's rule, by hand, on clips whose length at 1 fps is and is not a whole count."""
+    from transformers import AutoProcessor
+
+    import demo
+
+    path = clips[clip][0] if clip in clips else write_gray_clip(str(tmp_path / "d.mp4"), 2, 7)
+    proc = AutoProcessor.from_pretrained(demo.tiny_model_path(tiny_name))
+    sampler = data.frame_sampler(proc, fps=1, max_frames=max_frames)
+    frames, meta = data.read_video(path, fps=1, max_frames=max_frames, rid="r1", sampler=sampler)
+    want = FAMILY_FRAMES[clip, max_frames][tiny_name]
+    assert meta.frames_indices == want and [frame_number(f) for f in frames] == want
+    assert not proc.video_processor.do_sample_frames  # the sampler works on a copy: the processor is unchanged
+
+
+def test_a_clip_the_family_cannot_sample_is_a_data_error(tmp_path):
+    """Qwen2.5-VL takes frames in pairs: a one-frame clip gives it none (transformers divides by zero)."""
+    from transformers import AutoProcessor
+
+    import demo
+
+    path = write_gray_clip(str(tmp_path / "one.mp4"), 1, 1)
+    proc = AutoProcessor.from_pretrained(demo.tiny_model_path("tiny-qwen2.5-vl"))
+    with pytest.raises(DataError, match=r"record r2: the model's video processor cannot sample video .*one.mp4 "
+                                        r"\(1 frames at 1 fps\)"):
+        data.read_video(path, rid="r2", sampler=data.frame_sampler(proc))
+    assert data.read_video(path, rid="r2")[1].frames_indices == [0]  # the project's own rule reads it
+
+
 def test_video_shorter_than_one_frame_at_the_fps(tmp_path):
     path = write_gray_clip(str(tmp_path / "short.mp4"), 25, 10)  # 0.4 s
     with pytest.raises(DataError, match=r"record r9: video .*short.mp4 lasts 0.4 s, shorter than one frame at --fps 1"):
@@ -107,7 +154,9 @@ def test_real_timestamps_reach_the_processor(llm, tiny_name, clips):
     for fps in (1, 2):
         batch = data.collate(llm, [rec], structured=False, with_target=False, fps=fps)
         text = llm.tokenizer.decode(batch["input_ids"][0])
-        times = [k / fps for k in range(4 * fps)]  # frames sampled from a 4 s clip
+        times = [k / fps for k in range(4 * fps)]  # frames sampled from a 4 s clip (16 frames at 4 fps)
+        if tiny_name == "tiny-qwen3-vl":  # its own sampler: spread from the first frame to the last
+            times = (np.round(np.linspace(0, 15, 4 * fps)) / 4).tolist()
         if tiny_name == "tiny-qwen2.5-vl":
             assert batch["second_per_grid_ts"].tolist() == [2 / fps]  # temporal patch 2
         elif tiny_name == "tiny-qwen3-vl":  # one stamp per pair of frames: their mean time
