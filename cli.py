@@ -37,8 +37,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def number(kind: type, *, low=None, high=None, low_open: bool = False, what: str = ""):
-    """An argparse type: `kind` (int or float) within [low, high] (low excluded with low_open); nan / inf refused."""
+def number(kind: type, *, low=None, high=None, low_open: bool = False, high_open: bool = False, what: str = ""):
+    """An argparse type: `kind` (int or float) within [low, high] (an end excluded with low_open / high_open);
+    nan / inf refused."""
 
     def parse(text: str):
         try:
@@ -46,7 +47,8 @@ def number(kind: type, *, low=None, high=None, low_open: bool = False, what: str
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         bad = (isinstance(value, float) and not math.isfinite(value)) or (
-            low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+            low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high))
         if bad:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
@@ -62,6 +64,7 @@ positive_float = number(float, low=0, low_open=True, what="a number > 0")
 nonneg_float = number(float, low=0, what="a number >= 0")
 unit_float = number(float, low=0, high=1, what="a number in [0, 1]")
 probability = number(float, low=0, high=1, low_open=True, what="a number in (0, 1]")
+dropout_rate = number(float, low=0, high=1, high_open=True, what="a number in [0, 1)")  # 1 would zero every input
 
 
 def parser(doc: str, whole: bool = False) -> argparse.ArgumentParser:
@@ -126,7 +129,7 @@ def add_lora_flags(p: argparse.ArgumentParser) -> None:
                    "merged in, a plain model. One process only")
     g.add_argument("--lora-r", type=positive_int, default=lora.R, help="adapter rank r")
     g.add_argument("--lora-alpha", type=positive_float, default=lora.ALPHA, help="adapter scale α (update (α/r)·BA)")
-    g.add_argument("--lora-dropout", type=unit_float, default=lora.DROPOUT, help="dropout on the adapters' input")
+    g.add_argument("--lora-dropout", type=dropout_rate, default=lora.DROPOUT, help="dropout on the adapters' input")
     g.add_argument("--lora-targets", type=targets, default=lora.TARGETS, help="comma-separated names of the "
                    "language model's linear layers that get adapters (default: %s)" % ",".join(lora.TARGETS))
 

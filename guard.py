@@ -153,8 +153,8 @@ def parse_args(argv=None):
     cli.add_video_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
-    g.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default=None, help="weights' dtype (default: "
-                   "bf16 on a GPU that has it, else fp32)")
+    g.add_argument("--dtype", choices=tuple(M.DTYPES), metavar="{bf16,fp16,fp32,auto}", default=None,
+                   help="weights' dtype (default: bf16 on a GPU that has it, else fp32)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     g.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
     args = p.parse_args(argv)
@@ -166,6 +166,8 @@ def parse_args(argv=None):
         p.error("a query has a video or images, not both")
     if args.json and not args.data:
         p.error("--json goes with --data")
+    if args.json and (os.path.isdir(args.json) or args.json.endswith(os.sep)):  # said before the records are measured
+        p.error(f"--json {args.json} is a folder: give the file to write, e.g. {os.path.join(args.json, 'guard.json')}")
     return args
 
 

@@ -104,7 +104,8 @@ def test_no_numeric_flag_is_unchecked():
 
 
 BAD = {"an integer >= 1": ["0", "-1", "1.5"], "an integer >= 0": ["-1", "x"], "a number > 0": ["0", "-2", "nan"],
-       "a number >= 0": ["-0.1", "inf"], "an integer in [0, 2**32 - 1]": ["-1", "4294967296"], "a number in [0, 1]": ["-0.1", "1.5"], "a number in (0, 1]": ["0", "1.01"]}
+       "a number >= 0": ["-0.1", "inf"], "an integer in [0, 2**32 - 1]": ["-1", "4294967296"], "a number in [0, 1]": ["-0.1", "1.5"], "a number in (0, 1]": ["0", "1.01"],
+       "a number in [0, 1)": ["1", "-0.1"]}
 
 
 def test_every_bad_number_is_an_argparse_error(capsys):
@@ -121,6 +122,9 @@ def test_every_bad_number_is_an_argparse_error(capsys):
             assert action.option_strings[0] in err and what in err, err
             seen += 1
     assert seen > 80
+    # a dropout of 1 would zero every adapter input: the adapters would never learn
+    assert {a.type.__name__ for _, a in numeric_actions() if a.option_strings[0] == "--lora-dropout"} == {
+        "a number in [0, 1)"}
 
 
 def test_group_size_and_alpha_order():

@@ -101,3 +101,6 @@ def test_guard_errors_are_one_line(ckpt, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:  # argparse: a query or a data file, not both
         G.parse_args(["--model", ckpt, "--query", "hi", "--data", "x.jsonl"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # --json a folder: said before any record is measured
+        G.parse_args(["--model", ckpt, "--data", "x.jsonl", "--json", str(tmp_path)])
+    assert e.value.code == 2 and "is a folder: give the file to write" in capsys.readouterr().err
