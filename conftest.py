@@ -26,7 +26,7 @@ import demo  # noqa: E402
 import model  # noqa: E402
 from alarm import ALARM_FILE, TEXTUAL_ALARM, VISUAL_ALARM  # noqa: E402
 
-DEMO_SIZES = {"at_sft": 6, "cold_start": 6, "grpo": 6, "eval": 6}
+DEMO_SIZES = {"at_sft": 6, "cold_start": 6, "grpo": 6, "eval": 6, "guard": 6}
 
 
 def pytest_configure(config):
@@ -43,7 +43,7 @@ def demo_dir(tmp_path_factory):
 def demo_full(tmp_path_factory):
     """The demo's cold-start and GRPO splits at full size (no AT-SFT or eval records), for the rollout and
     learning tests; read only."""
-    return demo.write_demo(str(tmp_path_factory.mktemp("demo_full")), sizes={"at_sft": 0, "eval": 0})
+    return demo.write_demo(str(tmp_path_factory.mktemp("demo_full")), sizes={"at_sft": 0, "eval": 0, "guard": 0})
 
 
 @pytest.fixture(scope="session")

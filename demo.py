@@ -8,7 +8,7 @@ Two things, both deterministic:
   on the demo's text, written with save_pretrained and read back like any checkpoint (build_tiny).
 
 Command line:
-    python demo.py --out demo_data      # writes videos/ and at_sft / cold_start / grpo / eval .jsonl
+    python demo.py --out demo_data      # writes videos/ and at_sft / cold_start / grpo / eval / guard .jsonl
 """
 
 from __future__ import annotations
@@ -190,8 +190,10 @@ def _demo_records(n: int, split: str, rng: random.Random, structured: bool, out_
     return rows
 
 
-DEMO_SPLITS = {  # name -> (records, structured target, seed). The eval split has its own seed.
+DEMO_SPLITS = {  # name -> (records, structured target, seed). The eval and guard splits have their own seeds.
     "at_sft": (192, False, 1), "cold_start": (192, True, 2), "grpo": (96, True, 3), "eval": (60, True, 1000),
+    # held out from everything, the ATC threshold fit included (the stages fit it on eval): guard.py's honest test
+    "guard": (60, True, 2024),
 }
 # The cold-start targets come from an imperfect teacher, as real cold-start chains of thought do (written by a
 # stronger model that leans on the query more than on the video): where the video and the query disagree (a safe
@@ -368,8 +370,8 @@ def build_tiny(name: str, path: str, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Write the synthetic demo dataset (videos + at_sft/cold_start/grpo/eval "
-                                             "JSONL).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description="Write the synthetic demo dataset (videos + at_sft/cold_start/grpo/eval/"
+                                             "guard JSONL).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # argparse itself, not cli.parser: cli imports training -> model, which imports this file (the tiny models)
     ap.add_argument_group("output").add_argument("--out", default=DEMO_DIR, help="output folder")
     args = ap.parse_args()

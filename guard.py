@@ -3,13 +3,16 @@
     python guard.py --model runs/demo/grpo --video clip.mp4 --query "How do I make this at home?"
     python guard.py --model runs/demo/grpo --image photo.png --query "..."      # one or more images
     python guard.py --model runs/demo/grpo --query "..."                        # text only
-    python guard.py --model runs/demo/grpo --data demo_data/eval.jsonl --json runs/demo/guard.json
+    python guard.py --model runs/demo/grpo --data demo_data/guard.jsonl --json runs/demo/guard/grpo.json
+    python guard.py --report runs/demo/guard/*.json --out runs/demo/guard.md    # those --json files as one table
+
 
 One query prints one JSON object: p_video, p_text (the heads' raw p(harmful)), the thresholds used, and the
 decisions harmful_video (p_video >= threshold_video) and harmful_query. --data takes records in the project's format
 (README "Record format"), whose video_label / text_label are the truth: it prints a table of accuracy (at the
 checkpoint's thresholds and at 0.5), AUROC and latency per query (mean, p50, p95), and --json writes that table and
-every record's result.
+every record's result. --report reads such files (several checkpoints, several seeds) and prints one markdown table,
+a row per checkpoint's stage and head; where a stage has several files (seeds) each figure is mean [min-max].
 
 In your own server (a few lines):
 
@@ -137,12 +140,69 @@ def table(metrics: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# Several --json files (checkpoints, seeds) as one table
+
+
+def _spread(values: list, fmt: str) -> str:
+    """One run's figure, or mean [min-max] over several runs ('-' when there is none), each as format(x, fmt)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(float(np.mean(values)), fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
+
+
+def read_report(path: str) -> dict:
+    """A file guard.py --data ... --json wrote; a one-line DataError for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            got = json.load(f)
+        if not all(k in got["metrics"] for k in ("video", "text", "latency_ms")):
+            raise KeyError
+    except FileNotFoundError:
+        raise D.DataError(f"{path}: no such file (give the files guard.py --data ... --json wrote)") from None
+    except (ValueError, KeyError, TypeError):
+        raise D.DataError(f"{path}: not a file guard.py --data ... --json wrote (no metrics for both heads)") from None
+    return got
+
+
+def report(paths: list[str]) -> str:
+    """A markdown table of guard.py --json files: one row per (checkpoint's stage, head), stages in the order they
+    first appear. Accuracy in %, threshold and AUROC to 3 decimals, latency in ms; several files of one stage (seeds)
+    give mean [min-max] of each figure."""
+    runs: dict[str, list[dict]] = {}
+    for path in paths:
+        got = read_report(path)
+        runs.setdefault(got.get("stage") or got["model"], []).append(got)
+    data = sorted({str(r.get("data")) for rs in runs.values() for r in rs})
+    several = any(len(rs) > 1 for rs in runs.values())
+    lines = [f"Guard: the ATC heads, one prefill, on {', '.join(data)}. Accuracy at the checkpoint's fitted threshold "
+             f"and at 0.5, AUROC, latency per query (batch of 1){'; mean [min-max] over the runs' if several else ''}.",
+             "", "| checkpoint | runs | head | n | threshold | acc % | acc at 0.5 % | AUROC | latency p50 / p95 ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    pct = lambda xs: [None if x is None else 100 * x for x in xs]
+    for stage, rs in runs.items():
+        for i, (head, _) in enumerate(HEADS):
+            ms = [r["metrics"][head] for r in rs]
+            first = i == 0
+            lat = (f"{_spread([r['metrics']['latency_ms']['p50'] for r in rs], '.0f')} / "
+                   f"{_spread([r['metrics']['latency_ms']['p95'] for r in rs], '.0f')}")
+            cells = [stage if first else "", str(len(rs)) if first else "", head, _spread([m["n"] for m in ms], ".0f"),
+                     _spread([m["threshold"] for m in ms], ".3f"), _spread(pct([m["acc"] for m in ms]), ".1f"),
+                     _spread(pct([m["acc_at_0.5"] for m in ms]), ".1f"), _spread([m["auroc"] for m in ms], ".3f"),
+                     lat if first else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     g = p.add_argument_group("input")
-    g.add_argument("--model", required=True, help="a stage's checkpoint (with alarm.safetensors: the ATC heads and "
+    g.add_argument("--model", default=None, help="a stage's checkpoint (with alarm.safetensors: the ATC heads and "
                    "their thresholds)")
     g.add_argument("--query", default=None, help="the user's query (one query)")
     g.add_argument("--video", default=None, help="a video file for the query")
@@ -150,6 +210,11 @@ def parse_args(argv=None):
     g.add_argument("--data", default=None, help="a JSONL of records with labels, instead of --query: accuracy, AUROC, "
                    "latency")
     g.add_argument("--json", default=None, help="with --data: write the metrics and every record's result here")
+    g = p.add_argument_group("table (no model)")
+    g.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="files guard.py --data ... --json wrote: print them as one markdown table (a row per stage "
+                        "and head; several files of one stage, e.g. seeds, as mean [min-max])")
+    g.add_argument("--out", default=None, help="with --report: also write the table to this .md file")
     cli.add_video_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available)")
@@ -158,6 +223,16 @@ def parse_args(argv=None):
     g.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code (off by default)")
     g.add_argument("--debug", action="store_true", help="show the Python traceback on bad input instead of one line")
     args = p.parse_args(argv)
+    if args.report:
+        if args.model or args.query is not None or args.data or args.json:
+            p.error("--report only reads --json files: no --model, --query, --data or --json with it")
+        if args.out and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
+            p.error(f"--out {args.out} is a folder: give the file to write, e.g. {os.path.join(args.out, 'guard.md')}")
+        return args
+    if args.out:
+        p.error("--out goes with --report (with --data, --json writes the results)")
+    if args.model is None:
+        p.error("--model is required (a stage's checkpoint), unless --report")
     if (args.query is None) == (args.data is None):
         p.error("give either --query (one query, with an optional --video or --image) or --data JSONL")
     if args.data and (args.video or args.image):
@@ -173,6 +248,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        text = report(args.report)
+        print(text, end="")
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"wrote {args.out}")
+        return text
     records = D.load_records(args.data) if args.data else None  # bad data fails before the model loads
     M.check_model_path(args.model, "--model")
     guard = Guard.load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,

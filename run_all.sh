@@ -2,6 +2,7 @@
 # run_all.sh: the whole VideoSafety-R1 pipeline, end to end.
 #
 #   demo data (if absent) -> AT-SFT -> cold start -> GRPO -> evaluate base and every stage -> one table
+#   -> every stage's ATC heads as a guard (guard.py) on a held-out split -> one guard table
 #
 # Default: the built-in tiny model on the built-in demo data, on CPU, in a few minutes:
 #   bash run_all.sh
@@ -14,7 +15,8 @@
 #   $RUNS_DIR/$RUN_NAME-seeds/seed<S>/ and writes one table of mean [min-max] over them, with the demo's story
 #   checked run by run: $RUNS_DIR/$RUN_NAME-seeds/report.md (the README's demo table comes from this). Extra flags per stage: AT_SFT_ARGS, COLD_START_ARGS, GRPO_ARGS, EVAL_ARGS.
 # Output (RUNS_DIR defaults to runs): $RUNS_DIR/$RUN_NAME/{at_sft,cold_start,grpo} checkpoints,
-#         $RUNS_DIR/$RUN_NAME/eval/<stage>/, $RUNS_DIR/$RUN_NAME/report.md and summary.json.
+#         $RUNS_DIR/$RUN_NAME/eval/<stage>/, $RUNS_DIR/$RUN_NAME/report.md and summary.json,
+#         $RUNS_DIR/$RUN_NAME/guard/<stage>.json and guard.md (each stage's ATC heads as a guard, on GUARD_DATA).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -25,6 +27,9 @@ AT_SFT_DATA=${AT_SFT_DATA:-$DATA_ROOT/at_sft.jsonl}
 COLD_START_DATA=${COLD_START_DATA:-$DATA_ROOT/cold_start.jsonl}
 GRPO_DATA=${GRPO_DATA:-$DATA_ROOT/grpo.jsonl}
 EVAL_DATA=${EVAL_DATA:-$DATA_ROOT/eval.jsonl}
+# The guard's test split: held out from training and from the stages' ATC threshold fit (which uses EVAL_DATA).
+# The demo has one (guard.jsonl); without one the guard is measured on EVAL_DATA, where its thresholds were fitted.
+GUARD_DATA=${GUARD_DATA:-$DATA_ROOT/guard.jsonl}
 RUNS_DIR=${RUNS_DIR:-runs}
 SEED=${SEED:-42}  # every training stage's --seed
 OUT=$RUNS_DIR/$RUN_NAME
@@ -38,7 +43,9 @@ if [ -n "${SEEDS:-}" ]; then  # one whole pipeline per seed, then the combined t
     runs+=("$OUT-seeds/seed$s")
   done
   $PY eval.py --seeds "${runs[@]}" --out "$OUT-seeds"
-  echo; echo "run_all.sh: done. Report over seeds $SEEDS: $OUT-seeds/report.md"
+  guards=(); for r in "${runs[@]}"; do guards+=("$r"/guard/*.json); done
+  $PY guard.py --report "${guards[@]}" --out "$OUT-seeds/guard.md"
+  echo; echo "run_all.sh: done. Report over seeds $SEEDS: $OUT-seeds/report.md  Guard: $OUT-seeds/guard.md"
   exit 0
 fi
 
@@ -88,5 +95,16 @@ done
 
 stage report $PY eval.py --compare "$OUT/eval/base" "$OUT/eval/at_sft" "$OUT/eval/cold_start" "$OUT/eval/grpo" \
   --out "$OUT"
-echo; cat "$OUT/report.md"
-echo; echo "run_all.sh: done. Report: $OUT/report.md  Table as JSON: $OUT/summary.json"
+
+# Every stage's ATC heads as a standalone guard (guard.py: one prefill, no generation) on the guard split.
+if [ ! -f "$GUARD_DATA" ]; then
+  echo "note: no $GUARD_DATA; the guard is measured on $EVAL_DATA, where the stages fitted its thresholds (in-sample)"
+  GUARD_DATA=$EVAL_DATA
+fi
+for s in at_sft cold_start grpo; do
+  stage "guard_$s" $PY guard.py --model "$OUT/$s" --data "$GUARD_DATA" --json "$OUT/guard/$s.json" ${GUARD_ARGS:-}
+done
+stage guard_report $PY guard.py --report "$OUT/guard/at_sft.json" "$OUT/guard/cold_start.json" \
+  "$OUT/guard/grpo.json" --out "$OUT/guard.md"
+echo; cat "$OUT/report.md"; echo; cat "$OUT/guard.md"
+echo; echo "run_all.sh: done. Report: $OUT/report.md  Table as JSON: $OUT/summary.json  Guard: $OUT/guard.md"

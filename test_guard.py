@@ -104,3 +104,55 @@ def test_guard_errors_are_one_line(ckpt, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:  # --json a folder: said before any record is measured
         G.parse_args(["--model", ckpt, "--data", "x.jsonl", "--json", str(tmp_path)])
     assert e.value.code == 2 and "is a folder: give the file to write" in capsys.readouterr().err
+
+
+def _guard_json(path, stage, v, t, p50, p95):
+    """A file shaped as guard.py --data --json writes it: v / t = (n, threshold, acc, acc at 0.5, AUROC)."""
+    head = lambda x: dict(zip(("n", "threshold", "acc", "acc_at_0.5", "auroc"), x))
+    with open(path, "w") as f:
+        json.dump({"model": f"runs/{stage}", "data": "demo_data/guard.jsonl", "stage": stage, "records": [],
+                   "metrics": {"video": head(v), "text": head(t), "latency_ms": {"mean": p50, "p50": p50,
+                                                                                  "p95": p95}}}, f)
+    return str(path)
+
+
+def test_report_is_one_row_per_stage_and_head_with_the_spread_over_seeds(tmp_path, capsys):
+    seeds = [_guard_json(tmp_path / "s1.json", "at_sft", (60, 0.25, 0.95, 0.90, 0.99), (60, 0.5, 1.0, 1.0, 1.0), 40, 60),
+             _guard_json(tmp_path / "s2.json", "at_sft", (60, 0.75, 0.85, 0.80, 0.97), (60, 0.5, 0.9, 0.8, None), 50, 80)]
+    one = _guard_json(tmp_path / "g.json", "grpo", (60, 0.052, 0.9833, 0.6333, 0.998), (60, 0.986, 1.0, 0.9333, 1.0),
+                      48, 70)
+    out = tmp_path / "t" / "guard.md"
+    G.main(["--report", *seeds, one, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert out.read_text() in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    # by hand: means 0.5 / 90.0 / 85.0 / 0.980, ranges [0.25-0.75] ...; one AUROC missing -> the other alone
+    assert rows == [
+        "| at_sft | 2 | video | 60 [60-60] | 0.500 [0.250-0.750] | 90.0 [85.0-95.0] | 85.0 [80.0-90.0] | "
+        "0.980 [0.970-0.990] | 45 [40-50] / 70 [60-80] |",
+        "|  |  | text | 60 [60-60] | 0.500 [0.500-0.500] | 95.0 [90.0-100.0] | 90.0 [80.0-100.0] | 1.000 |  |",
+        "| grpo | 1 | video | 60 | 0.052 | 98.3 | 63.3 | 0.998 | 48 / 70 |",
+        "|  |  | text | 60 | 0.986 | 100.0 | 93.3 | 1.000 |  |",
+    ]
+    assert "mean [min-max] over the runs" in text and "demo_data/guard.jsonl" in text
+
+
+def test_report_of_a_real_run_and_its_bad_input(ckpt, demo_dir, tmp_path, monkeypatch, capsys):
+    path = str(tmp_path / "grpo.json")
+    G.main(["--model", ckpt, "--data", os.path.join(demo_dir, "guard.jsonl"), "--json", path, "--device", "cpu"])
+    m = json.load(open(path))["metrics"]
+    capsys.readouterr()
+    G.main(["--report", path])
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| grpo")][0]
+    assert row.split(" | ")[3:5] == [str(m["video"]["n"]), f"{m['video']['threshold']:.3f}"]
+    not_guard = tmp_path / "summary.json"
+    not_guard.write_text('{"base": {}}')
+    code, err = _one_line(monkeypatch, capsys, "--report", str(not_guard))
+    assert code == 2 and "not a file guard.py --data ... --json wrote" in err
+    code, err = _one_line(monkeypatch, capsys, "--report", str(tmp_path / "absent.json"))
+    assert code == 2 and "no such file" in err
+    for argv in (["--report", path, "--model", ckpt], ["--report", path, "--out", str(tmp_path)],
+                 ["--model", ckpt, "--query", "hi", "--out", "x.md"], ["--query", "hi"]):
+        with pytest.raises(SystemExit) as e:
+            G.parse_args(argv)
+        assert e.value.code == 2, argv

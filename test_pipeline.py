@@ -1,5 +1,6 @@
 """run_all.sh end to end with tiny budgets: every stage runs, hands its checkpoint to the next, and the
-report and summary.json come out with one entry per stage; a failing stage stops the pipeline by name."""
+report and summary.json come out with one entry per stage, the guard table with a row per stage and head; a
+failing stage stops the pipeline by name."""
 
 import json
 import os
@@ -35,6 +36,12 @@ def test_run_all_end_to_end(demo_dir, tmp_path):
         meta = json.loads((out / stage / "videosafety_meta.json").read_text())
         assert meta["stage"] == stage
     assert json.loads((out / "cold_start" / "videosafety_meta.json").read_text())["args"]["model"] == str(out / "at_sft")
+    guard_md = (out / "guard.md").read_text()  # every stage's heads as a guard, on the held-out guard split
+    for stage in ("at_sft", "cold_start", "grpo"):
+        g = json.loads((out / "guard" / f"{stage}.json").read_text())
+        assert g["stage"] == stage and g["data"].endswith("guard.jsonl") and len(g["records"]) == 6
+        assert f"| {stage} | 1 | video | 6 | {g['metrics']['video']['threshold']:.3f} |" in guard_md
+    assert guard_md in r.stdout
 
 
 def test_run_all_stops_at_the_failing_stage(tmp_path):
