@@ -6,7 +6,6 @@
     python guard.py --model runs/demo/grpo --data demo_data/guard.jsonl --json runs/demo/guard/grpo.json
     python guard.py --report runs/demo/guard/*.json --out runs/demo/guard.md    # those --json files as one table
 
-
 One query prints one JSON object: p_video, p_text (the heads' raw p(harmful)), the thresholds used, and the
 decisions harmful_video (p_video >= threshold_video) and harmful_query. --data takes records in the project's format
 (README "Record format"), whose video_label / text_label are the truth: it prints a table of accuracy (at the
