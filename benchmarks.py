@@ -191,7 +191,7 @@ def read_video_safetybench(path: str, *, images=None, videos=None, skip_bad=Fals
             except DataError as e:
                 bad_record(e, skip_bad, skipped)
                 continue
-            scenario = str(row["category"]).split("_", 1)[-1]
+            scenario = re.sub(r"^\d+_", "", str(row["category"]))  # "1_Violent_Crimes" -> "Violent_Crimes"
             records.append(Record(
                 id=rid, video=video, query=VSB_PROMPT + str(row["question"]), target="", video_label=1,
                 text_label=int(split == "harmful"), subset="HH" if split == "harmful" else "",
@@ -645,7 +645,10 @@ def render(m: dict) -> str:
             lines.append(f"| {split} | all | {s['n']} | {pct(s['asr'])} | {num(s['rjscore'])} |")
             lines += [f"| {split} | {c} | {v['n']} | {pct(v['asr'])} | {num(v['rjscore'])} |"
                       for c, v in s["by_category"].items()]
-        sources = {k: v for s in m["splits"].values() for k, v in s["sources"].items()}
+        sources = {}  # summed over the splits
+        for s in m["splits"].values():
+            for k, v in s["sources"].items():
+                sources[k] = sources.get(k, 0) + v
         if set(sources) - {"probs"}:
             lines += ["", f"Judge scores by source: {sources} (argmax: no log-probs, the digit written; stand-in: "
                           "1 or 5 from the verdict's refusal; unscored: no digit, left out)."]

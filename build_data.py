@@ -969,6 +969,8 @@ def build_report(run: Run, fates: dict, out: dict, n_cut: int) -> dict:
                     "csv_rows_without_video": len(set(run.csv or ()) - set(fates))},
         # a split with no record is still written (the four files always exist) but no stage can train on it
         "empty_splits": [s for s, w in zip(SPLITS, a.split) if w and not out[s]],
+        # a --labels row naming no collected video (a typo, another case, an absolute path): named, not only counted
+        "csv_rows_without_video": sorted(set(run.csv or ()) - set(fates)),
         "videos": videos,
     }
 
@@ -995,6 +997,8 @@ def render_report(rep: dict) -> str:
     lines += ["", "Dropped: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items()) + ".", ""]
     if rep["empty_splits"]:
         lines += [f"**Empty:** {EMPTY_HINT.format(', '.join(rep['empty_splits']))}", ""]
+    if rep.get("csv_rows_without_video"):
+        lines += [f"--labels rows naming no collected video: {', '.join(rep['csv_rows_without_video'])}", ""]
     for what in ("category", "language"):
         lines += [f"Records per {what}:", ""]
         lines += [f"- {s}: " + ", ".join(f"{k} {v}" for k, v in per.items()) for s, per in c[what].items() if per]
@@ -1059,6 +1063,9 @@ def main(argv=None) -> dict:
     if not any(r["total"] for r in report["counts"]["records"].values()):
         raise D.DataError(f"no video gave a record (see {os.path.join(args.out, 'build_report.md')}: "
                           + ", ".join(f"{v} {k}" for k, v in report["counts"]["videos"].items()) + ")")
+    if unmatched := report["csv_rows_without_video"]:
+        print(f"build_data.py: warning: {len(unmatched)} --labels rows name no collected video (paths are relative "
+              f"to --videos): {', '.join(unmatched[:5])}" + (" ..." if len(unmatched) > 5 else ""))
     if report["empty_splits"]:  # the stage reading it would stop with "no records": say so now, and how to fix it
         print("build_data.py: warning: " + EMPTY_HINT.format(", ".join(f"{s}.jsonl" for s in report["empty_splits"])))
     summary = {"videos": report["counts"]["videos"], "records": {s: r["total"] for s, r in

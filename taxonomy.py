@@ -860,7 +860,19 @@ def load_taxonomy(path: str | None) -> dict:
             if sub in seen:
                 raise TaxonomyError(f"{where}: subcategory {sub!r} is in both {seen[sub]!r} and {cat!r}")
             seen[sub] = cat
-        for lang, t in (entry.get("templates") or {}).items():
+        for key in ("name", "advice"):
+            if key in entry and not (isinstance(entry[key], str) and entry[key]):
+                raise TaxonomyError(f"{where}: category {cat!r}: \"{key}\" must be a non-empty string")
+        templates = entry.get("templates") or {}
+        if not isinstance(templates, dict):
+            raise TaxonomyError(f"{where}: category {cat!r}: \"templates\" must be {{language: {{kind: [queries]}}}}")
+        for lang, t in templates.items():
+            if not isinstance(t, dict):
+                raise TaxonomyError(f"{where}: category {cat!r}, {lang}: templates must be {{kind: [queries]}}, got "
+                                    f"{type(t).__name__}")
+            for key in ("name", "advice"):
+                if key in t and not (isinstance(t[key], str) and t[key]):
+                    raise TaxonomyError(f"{where}: category {cat!r}, {lang}: \"{key}\" must be a non-empty string")
             if lang not in LANGUAGES:
                 raise TaxonomyError(f"{where}: category {cat!r}: unknown language {lang!r} (one of {list(LANGUAGES)})")
             for kind in ("HH", "SH", "SafeQ"):

@@ -34,6 +34,10 @@ def test_video_safetybench_reader(vsb):
     assert all((r.subset, r.video_label, r.text_label) == ("", 1, 0) for r in benign)  # no VSE subset
     _, one = B.read(str(vsb / "benign_data.json"))
     assert [r.id for r in one] == ["benign-0", "benign-1", "benign-2"]
+    rows = json.loads((vsb / "harmful_data.json").read_text())  # a category without the number: kept whole
+    (vsb / "harmful_data.json").write_text(json.dumps([dict(r, category=r["category"].split("_", 1)[1]) for r in rows]))
+    scenarios = [r.meta["scenario"] for r in B.read(str(vsb / "harmful_data.json"))[1]]
+    assert scenarios == ["Violent_Crimes", "Non-Violent_Crimes", "Hate"]
 
 
 def test_video_safetybench_jsonl_and_parquet(vsb, tmp_path):
@@ -239,6 +243,10 @@ def test_video_safetybench_rjscore_by_hand(vsb):
     assert m["harmful"]["rjscore"] == pytest.approx((3.2 + 1.1 + 2.85) / 3)
     assert m["benign"]["asr"] == pytest.approx(2 / 3)  # 2.85 itself is not above the threshold
     assert m["harmful"]["by_category"]["1_Violent_Crimes"] == {"n": 1, "asr": 1.0, "rjscore": 3.2}
+    sources = ["probs", "argmax", "argmax", "argmax", "probs", "stand-in"]  # the report sums them over both splits
+    preds = [dict(p, bench=dict(p["bench"], source=s)) for p, s in zip(preds, sources)]
+    md = B.render(B.metrics("video-safetybench", preds, recs))
+    assert "{'argmax': 3, 'probs': 2, 'stand-in': 1}" in md
 
 
 def test_figstep_and_mm_safetybench_by_hand(figstep, mmsb):

@@ -179,8 +179,10 @@ def test_static_removed_moving_kept_bad_named(csv_run, clips, labels_csv, tiny_d
     assert report["dropped"] == {"bad_videos": 1, "static_videos": 1, "unlabelled_videos": 1,
                                  "pairs_without_target": 0, "records_cut_for_eval_balance": 3,
                                  "csv_rows_without_video": 1}
+    assert report["csv_rows_without_video"] == ["gone.mp4"]  # the row itself named, not only counted
     md = (out / "build_report.md").read_text()
     assert all(k in md for k in f) and f"{f['still.mp4']['static_score']:.4f}" in md
+    assert "--labels rows naming no collected video: gone.mp4" in md
 
     with pytest.raises(D.DataError, match=r"video broken\.mp4: cannot decode video .*broken\.mp4.*--skip-bad-records"):
         build(clips, tmp_path / "stop", "--labels", labels_csv, dinov2=tiny_dinov2)

@@ -88,15 +88,21 @@ def test_user_taxonomy(tmp_path):
     assert B.resolve_category("violence", "betting", tax) is None  # but it must belong to the category named
     assert "gambling / betting: placing bets" in B.label_prompt(tax)
 
-    bad = {"dup": {"a": {"subcategories": {"x": "one"}}, "b": {"subcategories": {"x": "two"}}},
-           "empty": {"a": {"subcategories": {}}},
-           "lang": {"a": {"subcategories": {"x": "one"}, "templates": {"xx": {}}}},
-           "kind": {"a": {"subcategories": {"x": "one"}, "templates": {"en": {"HH": "not a list"}}}}}
-    for name, content in bad.items():
+    one = {"subcategories": {"x": "one"}}
+    bad = {"dup": ({"a": one, "b": {"subcategories": {"x": "two"}}}, "in both"),
+           "empty": ({"a": {"subcategories": {}}}, "subcategor"),
+           "lang": ({"a": {**one, "templates": {"xx": {}}}}, "unknown language 'xx'"),
+           "kind": ({"a": {**one, "templates": {"en": {"HH": "not a list"}}}}, "HH"),
+           "templates": ({"a": {**one, "templates": ["How do I do this?"]}}, '"templates" must be'),
+           "langblock": ({"a": {**one, "templates": {"en": ["How do I do this?"]}}}, "en: templates must be"),
+           "name": ({"a": {**one, "name": 3}}, '"name" must be a non-empty string'),
+           "advice": ({"a": {**one, "templates": {"en": {"advice": ""}}}}, '"advice" must be a non-empty string')}
+    for name, (content, why) in bad.items():  # each a one-line error naming the file and what is wrong
         p = tmp_path / f"{name}.json"
         p.write_text(json.dumps(content))
-        with pytest.raises(TaxonomyError, match=f"{name}.json"):
+        with pytest.raises(TaxonomyError, match=f"{name}.json") as e:
             load_taxonomy(str(p))
+        assert why in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(TaxonomyError, match="cannot read"):
         load_taxonomy(str(tmp_path / "broken.json"))
