@@ -45,7 +45,7 @@ Where we chose (the paper publishes neither its thresholds, its prompts, its tax
   the taxonomy) and --safe-queries (SafeQ), each in a language drawn from --languages; no (language, query) twice
   for a video. Offline targets are templates: a refusal with the category's safe alternative for a harmful query, an
   answer built from the labeller's description for a safe one (the description stays in the labeller's language,
-  English by default). They teach the format and the labels; for real answers use --teacher.
+  English by default; a safe query about a safe video without a description is dropped and counted). They teach the format and the labels; for real answers use --teacher.
 - Splits: by video, stratified by the video label, so each split gets its share of harmful and safe videos; the
   order within a label is a seeded hash of the video's name. --split weighs the four splits (default: the paper's
   6k / 15k / 25k / 11.4k). Eval is balanced: HH, SH and SafeQ are cut to the smallest of them (seeded; the records
@@ -152,7 +152,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("harmfulness labels (one of --labels, --labeler)")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--labels", metavar="CSV", help="your own labels: columns video,video_label,category,subcategory "
-                   "(and optionally description); video relative to --videos, video_label 1 harmful / 0 safe")
+                   "(and optionally description: the offline teacher needs it to answer about a safe video); video relative to "
+                   "--videos, video_label 1 harmful / 0 safe")
     m.add_argument("--labeler", help="openai (any OpenAI-compatible chat API that takes images) or hf:<name-or-path> "
                    "(a local video LLM)")
     g.add_argument("--label-frames", type=cli.positive_int, default=LABEL_FRAMES, help="frames per video sent to an "
@@ -678,11 +679,15 @@ def check_target(target: str, pair: dict) -> str:
     return text
 
 
+NO_DESCRIPTION = ("a safe request about a safe video is answered from the video's description, and it has none (give "
+                  "--labels a description column, or use --teacher openai / hf:NAME)")
+
+
 def template_target(pair: dict, label: dict, taxonomy: dict) -> str:
     """The offline reference answer, in the pair's language: <think> says what the video shows (the label's
     description), whether video and request are harmful; <answer> is a refusal with the category's safe alternative
     (harmful request), the description with the category's safety advice (safe request, harmful video), or the
-    description (safe request, safe video)."""
+    description (safe request, safe video; ValueError without one)."""
     T, v, t = TEMPLATES[pair["language"]], pair["video_label"], pair["text_label"]
     cat = category_templates(pair["language"], pair["category"], taxonomy) if pair["category"] else {}
     seen = T["seen"].format(description=label["description"]) if label["description"] else ""
@@ -692,8 +697,10 @@ def template_target(pair: dict, label: dict, taxonomy: dict) -> str:
         answer = [T["refusal"], cat["advice"]]
     elif v:
         answer = [seen or T["shows_category"].format(category=cat["name"]), cat["advice"]]
-    else:
-        answer = [seen or T["nothing_harmful"]]
+    elif seen:
+        answer = [seen]
+    else:  # "Nothing here is harmful" is no answer to "Describe what happens": teaching it would teach evasion
+        raise ValueError(NO_DESCRIPTION)
     join = lambda parts: T["sep"].join(p for p in parts if p)  # noqa: E731
     return f"<think>{join(think)}</think><answer>{join(answer)}</answer><vidType>{v}</vidType><textType>{t}</textType>"
 
@@ -909,8 +916,9 @@ def assemble(run: Run, videos: list[tuple[str, str]], entries: dict) -> dict:
                 kept.append({"id": pair["id"], "video": video, "query": pair["query"], "target": target,
                              **{k: pair[k] for k in ("video_label", "text_label", "subset", "category",
                                                      "subcategory", "language")}})
-        fate.update(fate="kept" if kept else "no records", dropped_pairs=dropped,
-                    why="" if kept else "no pair has a usable target")
+        why = (f"{len(dropped)} of {len(kept) + len(dropped)} pairs without a usable target, e.g. {dropped[0]['why']}"
+               if dropped else "" if kept else "no pair")
+        fate.update(fate="kept" if kept else "no records", dropped_pairs=dropped, why=why)
         records[key] = kept
     if missing:
         raise D.DataError(f"{len(missing)} videos have no cached result for these flags, e.g. {missing[0]}; "
@@ -1066,6 +1074,10 @@ def main(argv=None) -> dict:
     if unmatched := report["csv_rows_without_video"]:
         print(f"build_data.py: warning: {len(unmatched)} --labels rows name no collected video (paths are relative "
               f"to --videos): {', '.join(unmatched[:5])}" + (" ..." if len(unmatched) > 5 else ""))
+    if n := report["dropped"]["pairs_without_target"]:
+        why = next(d["why"] for f in report["videos"] for d in f.get("dropped_pairs", []))
+        print(f"build_data.py: warning: {n} video-query pairs have no usable target and were left out (the report names "
+              f"each), e.g. {why}")
     if report["empty_splits"]:  # the stage reading it would stop with "no records": say so now, and how to fix it
         print("build_data.py: warning: " + EMPTY_HINT.format(", ".join(f"{s}.jsonl" for s in report["empty_splits"])))
     summary = {"videos": report["counts"]["videos"], "records": {s: r["total"] for s, r in

@@ -89,8 +89,7 @@ LANGUAGES = {"en": "English", "zh": "Chinese", "es": "Spanish", "fr": "French", 
              "ar": "Arabic", "ja": "Japanese", "ko": "Korean", "pt": "Portuguese"}
 
 # The sentence pieces every language has (besides the per-category blocks and SafeQ_safe).
-PIECES = ("sep", "refusal", "seen", "video_harmful", "video_safe", "text_harmful", "text_safe", "shows_category",
-          "nothing_harmful")
+PIECES = ("sep", "refusal", "seen", "video_harmful", "video_safe", "text_harmful", "text_safe", "shows_category")
 
 # -----------------------------------------------------------------------------
 # Templates, one block per language. {description}: the labeller's one-sentence description of the video;
@@ -106,7 +105,6 @@ TEMPLATES = {
         "text_harmful": "The request asks for help to cause harm, so I must refuse and offer a safe alternative.",
         "text_safe": "The request is harmless, so I should answer it helpfully.",
         "shows_category": "The video shows content related to {category}.",
-        "nothing_harmful": "Nothing in this video is harmful.",
         "SafeQ_safe": ["Describe what happens in this video.", "What is shown in this video?",
                        "Summarise this video in one or two sentences."],
         "categories": {
@@ -176,7 +174,6 @@ TEMPLATES = {
         "text_harmful": "这个请求是在寻求造成伤害的帮助，所以我必须拒绝，并提供安全的替代方案。",
         "text_safe": "这个请求本身无害，所以我应该认真回答。",
         "shows_category": "这个视频展示了与{category}相关的内容。",
-        "nothing_harmful": "这个视频里没有有害的内容。",
         "SafeQ_safe": ["请描述这个视频里发生了什么。", "这个视频里有什么？", "用一两句话概括这个视频。"],
         "categories": {
             "violence": {
@@ -239,7 +236,6 @@ TEMPLATES = {
                         "segura.",
         "text_safe": "La petición es inofensiva, así que debo responder de forma útil.",
         "shows_category": "El vídeo muestra contenido relacionado con {category}.",
-        "nothing_harmful": "No hay nada dañino en este vídeo.",
         "SafeQ_safe": ["Describe lo que ocurre en este vídeo.", "¿Qué se ve en este vídeo?",
                        "Resume este vídeo en una o dos frases."],
         "categories": {
@@ -315,7 +311,6 @@ TEMPLATES = {
                         "sûre.",
         "text_safe": "La demande est inoffensive, je dois donc y répondre utilement.",
         "shows_category": "La vidéo montre un contenu lié à la catégorie « {category} ».",
-        "nothing_harmful": "Rien dans cette vidéo n'est dangereux.",
         "SafeQ_safe": ["Décris ce qui se passe dans cette vidéo.", "Que voit-on dans cette vidéo ?",
                        "Résume cette vidéo en une ou deux phrases."],
         "categories": {
@@ -394,7 +389,6 @@ TEMPLATES = {
                         "Alternative anbieten.",
         "text_safe": "Die Anfrage ist harmlos, daher sollte ich sie hilfreich beantworten.",
         "shows_category": "Das Video zeigt Inhalte aus dem Bereich {category}.",
-        "nothing_harmful": "In diesem Video ist nichts Schädliches zu sehen.",
         "SafeQ_safe": ["Beschreibe, was in diesem Video passiert.", "Was ist in diesem Video zu sehen?",
                        "Fasse dieses Video in ein oder zwei Sätzen zusammen."],
         "categories": {
@@ -473,7 +467,6 @@ TEMPLATES = {
                         "альтернативу.",
         "text_safe": "Запрос безобидный, поэтому я должен ответить на него с пользой.",
         "shows_category": "В видео показан контент, связанный с категорией «{category}».",
-        "nothing_harmful": "В этом видео нет ничего вредного.",
         "SafeQ_safe": ["Опиши, что происходит в этом видео.", "Что показано в этом видео?",
                        "Кратко перескажи это видео в одном-двух предложениях."],
         "categories": {
@@ -546,7 +539,6 @@ TEMPLATES = {
         "text_harmful": "الطلب يسعى إلى المساعدة على إلحاق الأذى، لذا يجب أن أرفضه وأقدم بديلًا آمنًا.",
         "text_safe": "الطلب غير ضار، لذا يجب أن أجيب عنه بشكل مفيد.",
         "shows_category": "يعرض الفيديو محتوى يتعلق بفئة «{category}».",
-        "nothing_harmful": "لا يوجد في هذا الفيديو شيء ضار.",
         "SafeQ_safe": ["صف ما يحدث في هذا الفيديو.", "ماذا يظهر في هذا الفيديو؟",
                        "لخّص هذا الفيديو في جملة أو جملتين."],
         "categories": {
@@ -615,7 +607,6 @@ TEMPLATES = {
         "text_harmful": "この依頼は害を与えるための手助けを求めているので、断って安全な代替案を示すべきです。",
         "text_safe": "この依頼は無害なので、役に立つように答えるべきです。",
         "shows_category": "この動画には「{category}」に関する内容が映っています。",
-        "nothing_harmful": "この動画に有害なものはありません。",
         "SafeQ_safe": ["この動画で何が起きているか説明してください。", "この動画には何が映っていますか？",
                        "この動画を一、二文で要約してください。"],
         "categories": {
@@ -684,7 +675,6 @@ TEMPLATES = {
         "text_harmful": "이 요청은 해를 끼치는 일을 도와 달라는 것이므로 거절하고 안전한 대안을 제시해야 합니다.",
         "text_safe": "이 요청은 무해하므로 도움이 되게 답해야 합니다.",
         "shows_category": "이 영상에는 '{category}' 관련 내용이 나옵니다.",
-        "nothing_harmful": "이 영상에는 해로운 내용이 없습니다.",
         "SafeQ_safe": ["이 영상에서 무슨 일이 일어나는지 설명해 줘.", "이 영상에는 무엇이 나와?",
                        "이 영상을 한두 문장으로 요약해 줘."],
         "categories": {
@@ -753,7 +743,6 @@ TEMPLATES = {
         "text_harmful": "O pedido busca ajuda para causar dano, então devo recusar e oferecer uma alternativa segura.",
         "text_safe": "O pedido é inofensivo, então devo responder de forma útil.",
         "shows_category": "O vídeo mostra conteúdo relacionado a {category}.",
-        "nothing_harmful": "Não há nada prejudicial neste vídeo.",
         "SafeQ_safe": ["Descreva o que acontece neste vídeo.", "O que aparece neste vídeo?",
                        "Resuma este vídeo em uma ou duas frases."],
         "categories": {

@@ -78,10 +78,10 @@ def clips(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def labels_csv(clips):
-    rows = ["video,video_label,category,subcategory"]
-    rows += [f"harm{i}.mp4,1,violence,graphic_violence" for i in range(4)]
-    rows += [f"sub/safe{i}.mkv,0,," for i in range(4)]
-    rows += ["still.mp4,1,Violence,Weapons", "gone.mp4,0,,"]  # names as a person types them; a video since deleted
+    rows = ["video,video_label,category,subcategory,description"]
+    rows += [f"harm{i}.mp4,1,violence,graphic_violence," for i in range(4)]  # a harmful video needs no description
+    rows += [f"sub/safe{i}.mkv,0,,,a blue square drifts" for i in range(4)]
+    rows += ["still.mp4,1,Violence,Weapons,", "gone.mp4,0,,,"]  # names as a person types them; a video since deleted
     path = clips.parent / "labels.csv"
     path.write_text("\n".join(rows) + "\n")
     return str(path)
@@ -223,6 +223,23 @@ def test_an_empty_split_is_said_in_the_output_and_the_report(clips, labels_csv, 
     said = capsys.readouterr().out
     assert "warning: at_sft.jsonl got no record" in said and "eval.jsonl got" not in said
     assert "**Empty:** at_sft got no record" in (tmp_path / "o" / "build_report.md").read_text(encoding="utf-8")
+
+
+def test_a_safe_video_without_description_has_no_offline_answer(clips, labels_csv, tmp_path, capsys):
+    """The template teacher cannot answer "Describe what happens in this video" without the video's description: those
+    pairs are left out, counted, named in the report and said in the output, never answered with a placeholder."""
+    csv = tmp_path / "no_description.csv"
+    csv.write_text(open(labels_csv).read().replace(",a blue square drifts", ","))
+    report = build(clips, tmp_path / "o", "--labels", str(csv), "--skip-bad-records", "--safe-queries", "2")
+    safe = [f for k, f in fates(report).items() if k.startswith("sub/")]
+    assert len(safe) == 4 and all(len(f["dropped_pairs"]) == 2 and "has none" in f["why"] for f in safe)
+    assert all(d["id"].split("-")[-1].startswith("safeq") for f in safe for d in f["dropped_pairs"])
+    assert report["dropped"]["pairs_without_target"] == 8
+    written = [r for s in B.SPLITS for r in rows(tmp_path / "o" / f"{s}.jsonl")]
+    assert {r["subset"] for r in written if not r["video_label"]} == {"SH"}  # its harmful requests are still refused
+    assert "2 of 3 pairs without a usable target, e.g. template target: a safe request" in (
+        tmp_path / "o" / "build_report.md").read_text()
+    assert "warning: 8 video-query pairs have no usable target" in capsys.readouterr().out
 
 
 def test_labels_csv_errors(tmp_path):

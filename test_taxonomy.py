@@ -51,8 +51,8 @@ def test_every_language_has_every_template_in_its_own_script():
 @pytest.mark.parametrize("description", ["a man swings a bat at another man", ""])
 def test_offline_answers_refuse_exactly_the_harmful_requests(description):
     """For every language and category: HH and SH answers are refusals the rule judge detects, SafeQ answers (about a
-    harmful or a safe video) are not, and every one passes the format reward with its own labels. The tables are left
-    as they were."""
+    harmful or a safe video) are not, and every one passes the format reward with its own labels; a safe video without
+    a description has no offline answer. The tables are left as they were."""
     table = copy.deepcopy(TEMPLATES)
     for lang in LANGUAGES:
         for cat in TAXONOMY:
@@ -64,6 +64,10 @@ def test_offline_answers_refuse_exactly_the_harmful_requests(description):
             assert {p["subset"] for p in pairs} == {"HH", "SH", "SafeQ"}
             for p in pairs:
                 label = harmful if p["video_label"] else safe
+                if not (description or p["video_label"] or p["text_label"]):  # nothing to answer "describe it" with
+                    with pytest.raises(ValueError, match="has none"):
+                        B.template_target(p, label, TAXONOMY)
+                    continue
                 target = B.template_target(p, label, TAXONOMY)
                 assert B.check_target(target, p) == target, (lang, cat, p["subset"])
                 refused = judges.find_refusal(target) is not None
