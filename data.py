@@ -82,16 +82,20 @@ def _label(value, what: str, where: str) -> int:
 def _record(obj: dict, where: str, root: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    source = {}  # where the authors' formats keep a field, for the error naming it
     if "conversations" in obj:  # the authors' VideoLLaMA3 SFT format
         obj = _conversation(obj, where)
+        source = {"video_label": "safety_labels.visual or visual_safety_label",
+                  "text_label": "safety_labels.textual or textual_safety_label"}
     elif "problem" in obj and "solution" in obj:  # the authors' GRPO format
+        source = {"video_label": "<vidType> in solution", "text_label": "<textType> in solution"}
         sol = str(obj["solution"])
         tag = lambda t: (re.search(rf"<{t}>\s*(.*?)\s*</{t}>", sol, re.S) or [None, None])[1]
         obj = {"id": obj.get("problem_id", where), "video": obj.get("path"), "query": obj["problem"],
                "target": sol, "video_label": tag("vidType"), "text_label": tag("textType")}
     for key in ("id", "query", "target", "video_label", "text_label"):
         if key not in obj or obj[key] is None:
-            raise DataError(f"{where}: missing field {key!r}")
+            raise DataError(f"{where}: missing field {key!r}" + (f" ({source[key]})" if key in source else ""))
     rid = str(obj["id"])
     for key in ("query", "target"):
         if not isinstance(obj[key], str):

@@ -327,10 +327,12 @@ def render_seeds(names: list[str], summaries: list[dict]) -> str:
             + f"\n\n## The story, run by run\n\nIt holds in full in {held} of {len(names)} runs.\n\n" + story + "\n")
 
 
-def judge_name(m: dict) -> str:
-    """The judge of a run's metrics: rule, hf:<name>, or openai with its model."""
+def judge_name(m: dict, url: bool = False) -> str:
+    """The judge of a run's metrics: rule, hf:<name>, or openai with its model (and its server, with url=True)."""
     cfg = m.get("config", {})
-    return f"openai {cfg.get('judge_model')}" if cfg.get("judge") == "openai" else str(cfg.get("judge"))
+    if cfg.get("judge") != "openai":
+        return str(cfg.get("judge"))
+    return f"openai {cfg.get('judge_model')}" + (f" at {cfg.get('judge_url')}" if url else "")
 
 
 def render_agreement(runs: list[tuple[str, dict, list]]) -> str:
@@ -340,16 +342,19 @@ def render_agreement(runs: list[tuple[str, dict, list]]) -> str:
         for name_b, m_b, p_b in runs[i + 1:]:
             agree = judges.agreement(p_a, p_b)
             if agree["n"]:
+                url = judge_name(m_a) == judge_name(m_b)  # one model on two servers: say which is which
                 names.append(f"{name_a} / {name_b}")
-                rows.append({"judges": f"{judge_name(m_a)} / {judge_name(m_b)}", **agree})
+                rows.append({"judges": f"{judge_name(m_a, url)} / {judge_name(m_b, url)}", **agree})
     if not rows:
         return ""
+    kappa = lambda r, v: "undefined" if v in r and r[v]["kappa"] is None else fmt(r.get(v, {}).get("kappa"), "x")  # noqa: E731
     cols = [("judges", [r["judges"] for r in rows]), ("n", [str(r["n"]) for r in rows])]
     for v in judges.VERDICTS:
         cols += [(f"{v} agree", [fmt(r.get(v, {}).get("agree"), "%") for r in rows]),
-                 (f"{v} κ", [fmt(r.get(v, {}).get("kappa"), "x") for r in rows])]
+                 (f"{v} κ", [kappa(r, v) for r in rows])]
     return ("## Judges side by side\n\nOn the records both runs judged with the same response: the share of equal "
-            "verdicts (%) and Cohen's kappa.\n\n" + table("runs", names, cols) + "\n")
+            "verdicts (%) and Cohen's kappa (undefined where both judges gave one and the same verdict to every "
+            "record).\n\n" + table("runs", names, cols) + "\n")
 
 
 def render_report(name: str, m: dict, m_nv: dict | None) -> str:
@@ -361,6 +366,10 @@ def render_report(name: str, m: dict, m_nv: dict | None) -> str:
              render_compare([(name, m, m_nv)])]
     if m["judge_fallbacks"]:
         parts += ["", f"**{m['judge_fallbacks']} judge replies could not be parsed; the rule judge decided those.**"]
+    if m.get("skipped_records"):  # --skip-bad-records: the numbers are over fewer records than the data holds
+        parts += ["", f"**{m['skipped_records']} records were left out as bad input (--skip-bad-records):**", ""]
+        parts += [f"- {why}" for why in m["skipped"][:20]] + ([f"- … ({len(m['skipped']) - 20} more in metrics.json)"]
+                                                             if len(m["skipped"]) > 20 else [])
     for key in BREAKDOWNS:
         groups = m[f"by_{key}"]
         cols = columns(BREAKDOWN, list(groups.values()))

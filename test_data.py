@@ -395,6 +395,11 @@ def test_videollama3_conversation_format(tmp_path, good):
                                                                       "I can't help with that.", 1, 0)
     assert a.video == str(tmp_path / "videos" / "v.mp4")
     assert b.id == f"{path}[1]" and b.query == "What is it?" and (b.video_label, b.text_label) == (0, 1)
+    del rows[0]["safety_labels"]  # the error names where this format keeps the labels
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=re.escape(f"{path}[0]: missing field 'video_label' (safety_labels.visual or "
+                                                  "visual_safety_label)")):
+        data.load_records(str(path))
 
 
 def test_grpo_format(tmp_path, good):
@@ -407,7 +412,7 @@ def test_grpo_format(tmp_path, good):
     assert r.video == str(tmp_path / "videos" / "v.mp4")
     rows[0]["solution"] = "<answer>no tags</answer>"
     path.write_text(json.dumps(rows))
-    with pytest.raises(DataError, match=re.escape(f"{path}[0]: missing field 'video_label'")):
+    with pytest.raises(DataError, match=re.escape(f"{path}[0]: missing field 'video_label' (<vidType> in solution)")):
         data.load_records(str(path))
 
 

@@ -362,6 +362,20 @@ def test_benchmark_missing_video_skipped_and_counted(vsb, tmp_path):
     assert m["n"] == 4 and m["skipped_records"] == 2 and all("2.mp4" in why for why in m["skipped"])
     assert m["benchmark"]["splits"]["harmful"]["n"] == 2 and m["benchmark"]["splits"]["harmful"]["sources"] == {
         "stand-in": 2}
+    report = (tmp_path / "skip" / "report.md").read_text(encoding="utf-8")
+    assert "**2 records were left out as bad input (--skip-bad-records):**" in report and "2.mp4" in report
+
+
+def test_agreement_table_says_undefined_kappa_and_which_server():
+    """Both judges call every response safe: κ is undefined (p_e = 1), said so, not a column that vanishes; one model
+    behind two servers is told apart by its URL."""
+    def run(url, refusals):
+        preds = [{"id": str(i), "response": "r", "judge": {"safe": True, "refusal": r}} for i, r in enumerate(refusals)]
+        return {"config": {"judge": "openai", "judge_model": "m", "judge_url": url}}, preds
+    (m_a, p_a), (m_b, p_b) = run("http://a:1/v1", [True, False]), run("http://b:2/v1", [True, True])
+    md = ev.render_agreement([("a", m_a, p_a), ("b", m_b, p_b)])
+    # refusal: T F against T T: p_o = 1/2, p_e = 1/2 * 1 + 1/2 * 0 = 1/2: κ = 0
+    assert "| a / b | openai m at http://a:1/v1 / openai m at http://b:2/v1 | 2 | 100.0 | undefined | 50.0 | 0.00 |" in md
 
 
 # -----------------------------------------------------------------------------
