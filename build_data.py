@@ -79,6 +79,7 @@ from tqdm import tqdm
 import cli
 import data as D
 import model as M
+import outdir
 import rewards as R
 from chat_api import ChatClient
 from taxonomy import LANGUAGES, TEMPLATES, TaxonomyError, category_templates, load_taxonomy
@@ -1046,8 +1047,21 @@ def main(argv=None) -> dict:
     except TaxonomyError as e:
         raise D.DataError(str(e)) from None
     videos = collect_videos(args.videos)
-    run = Run(args, taxonomy)
     torchrun = "TORCHELASTIC_RUN_ID" in os.environ and args.num_shards > 1
+    # one run per --out (two would both make every model call); a shard locks its own share, and the run that writes
+    # the splits (a single run, --merge, torchrun's rank 0) the whole folder
+    whole = args.merge or args.num_shards == 1 or (torchrun and args.shard == 0)
+    lock = outdir.LOCK_FILE + ("" if whole else f"-shard-{args.shard}-of-{args.num_shards}")
+    outdir.lock(args.out, name=lock)
+    try:
+        return build(args, taxonomy, videos, torchrun)
+    finally:
+        outdir.release(args.out, lock)
+
+
+def build(args, taxonomy: dict, videos: list, torchrun: bool) -> dict:
+    """Stage 0 on the locked --out: process this shard's videos (or read the cache), then the splits and report."""
+    run = Run(args, taxonomy)
     if args.merge:
         entries = {k: run.cache.load(k, p) for k, p in tqdm(videos, desc="reading the cache", dynamic_ncols=True)}
     else:

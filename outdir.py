@@ -58,11 +58,12 @@ def check_folder(out: str, what: str = "--out") -> None:
         raise FileExistsError(f"{what} {out} is a file, not a folder; pass a folder path")
 
 
-def lock(out: str, what: str = "--out") -> str:
-    """Take OUT/.lock for this process (creating OUT); OutputBusy if a live process holds it. Released at exit."""
+def lock(out: str, what: str = "--out", name: str = LOCK_FILE) -> str:
+    """Take OUT/.lock (or OUT/<name>: one per shard of a sharded build) for this process, creating OUT; OutputBusy
+    if a live process holds it. Released at exit."""
     check_folder(out, what)
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, LOCK_FILE)
+    path = os.path.join(out, name)
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(3):  # a stale lock is removed and the creation retried (another run may win the race)
         try:
@@ -86,14 +87,14 @@ def lock(out: str, what: str = "--out") -> str:
             continue
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-        atexit.register(release, out)
+        atexit.register(release, out, name)
         return path
     raise OutputBusy(f"{what} {out}: could not take the lock {path}")
 
 
-def release(out: str) -> None:
-    """Remove OUT/.lock if this process holds it (and only then)."""
-    path = os.path.join(out, LOCK_FILE)
+def release(out: str, name: str = LOCK_FILE) -> None:
+    """Remove OUT/.lock (or OUT/<name>) if this process holds it (and only then)."""
+    path = os.path.join(out, name)
     try:
         with open(path) as f:
             if json.load(f).get("pid") != os.getpid():

@@ -424,6 +424,31 @@ def test_shards_then_merge_equal_one_run_and_seed(clips, labels_csv, tmp_path):
                for s in B.SPLITS)
 
 
+def test_one_run_per_out_and_per_shard(clips, labels_csv, tmp_path):
+    """A second build into a folder a live run holds stops before any work (no cache, no file); shards of one build
+    lock only their own share; every lock is gone when the run ends."""
+    from outdir import LOCK_FILE, OutputBusy
+
+    flags, out = ["--labels", labels_csv, "--skip-bad-records", "--split", "1,1,1,1"], tmp_path / "o"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (LOCK_FILE, f"{LOCK_FILE}-shard-1-of-2"):
+            (out / name).write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename}))
+        with pytest.raises(OutputBusy, match=f"in use by another run \\(pid {sleeper.pid}"):
+            build(clips, out, *flags)
+        assert sorted(os.listdir(out)) == sorted([LOCK_FILE, f"{LOCK_FILE}-shard-1-of-2"])  # nothing done
+        with pytest.raises(OutputBusy):
+            build(clips, out, *flags, "--shard", "1", "--num-shards", "2")
+        assert build(clips, out, *flags, "--shard", "0", "--num-shards", "2")["shard"] == 0  # its own share: free
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    build(clips, out, *flags, "--shard", "1", "--num-shards", "2")  # the holder is gone: its stale locks are taken
+    build(clips, out, *flags, "--merge")
+    assert not [n for n in os.listdir(out) if n.startswith(LOCK_FILE)]
+
+
 @pytest.mark.distributed
 def test_torchrun_ranks_are_shards_and_rank0_merges(clips, labels_csv, tmp_path):
     flags = ["--labels", labels_csv, "--skip-bad-records", "--split", "1,1,1,1", "--static-filter", "pixels"]
