@@ -116,6 +116,24 @@ def test_report_to_tensorboard_writes_the_logged_numbers(tmp_path):
     assert rows[0] == {"config": {"report_to": "tensorboard"}} and rows[2]["loss"] == 1.5  # the JSONL log as always
 
 
+def test_tensorboard_after_a_resume_has_every_step_once(tmp_path):
+    """A run killed after logging steps 1-3 of phase lm, resumed from its snapshot at lm step 2: the board shows the
+    log as cut and continued (alarm 1-3, lm 1-2 then the new 3), no step twice, the other phase's steps kept."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = T.open_log(str(tmp_path), {"report_to": "tensorboard"})
+    for phase in ("alarm", "lm"):
+        for step in (1, 2, 3):
+            first({"step": step, "of": 4, "phase": phase, "loss": float(10 * (phase == "lm") + step)})
+    again = T.open_log(str(tmp_path), {"report_to": "tensorboard"}, resume={"step": 2, "phase": "lm"})
+    again({"step": 3, "of": 4, "phase": "lm", "loss": 33.0})
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("alarm/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert [(e.step, e.value) for e in events.Scalars("lm/loss")] == [(1, 11.0), (2, 12.0), (3, 33.0)]
+
+
 def test_report_to_tensorboard_without_it_says_how(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
     log = T.open_log(str(tmp_path), {"report_to": "tensorboard"})

@@ -259,13 +259,10 @@ def open_log(out_dir: str, config: dict, resume: dict | None = None):
     if resume:
         at = lambda r: r.get("step") == resume["step"] and r.get("phase") == resume.get("phase") and "of" in r
         outdir.truncate_after(path, at)
-    f = open(path, "a" if resume else "w", encoding="utf-8")
     board = tensorboard_writer(out_dir) if config.get("report_to") == "tensorboard" else None
     count = [0]  # rows logged: the x axis of a row without a step
 
-    def log(row: dict) -> None:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
+    def to_board(row: dict) -> None:
         if board is not None and "config" not in row and "summary" not in row:
             count[0] += 1
             prefix = f"{row['phase']}/" if isinstance(row.get("phase"), str) else ""
@@ -274,6 +271,16 @@ def open_log(out_dir: str, config: dict, resume: dict | None = None):
                     board.add_scalar(prefix + key, value, global_step=row.get("step", count[0]))
             board.flush()
 
+    if resume and board is not None:  # the board is redrawn from the log as cut: no step twice, whatever the phase
+        for row in outdir.read_jsonl(path):
+            to_board(row)
+    f = open(path, "a" if resume else "w", encoding="utf-8")
+
+    def log(row: dict) -> None:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        to_board(row)
+
     world = distributed.world_size()
     log({"config": config, **({"world_size": world} if world > 1 else {}),
          **({"resumed_at_step": resume["step"]} if resume else {})})
@@ -281,13 +288,20 @@ def open_log(out_dir: str, config: dict, resume: dict | None = None):
 
 
 def tensorboard_writer(out_dir: str):
-    """A SummaryWriter on OUT/tensorboard, or None (and one line saying how to get it) without tensorboard."""
+    """A SummaryWriter on OUT/tensorboard, or None (and one line saying how to get it) without tensorboard. Event
+    files an earlier run left there are removed first, as metrics.jsonl is rewritten: the log is the record, the
+    board a view of it (a resumed run redraws it from the log)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's writer needs the tensorboard package
         say("--report-to tensorboard skipped: pip install tensorboard (metrics.jsonl is written as always)")
         return None
-    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+    board = os.path.join(out_dir, "tensorboard")
+    if os.path.isdir(board):
+        for name in os.listdir(board):
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(board, name))
+    return SummaryWriter(board)
 
 
 def finish(llm: M.VideoLLM, out: str, config: dict, log, skipped: dict, summary: dict) -> dict:
