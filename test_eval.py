@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import benchmarks as B
 import eval as ev
 import judges
 from conftest import FakeAPI, run_script, structured
@@ -297,6 +298,48 @@ def test_video_safetybench_end_to_end_rjscore(vsb, tmp_path, api_key):
     preds = lines(tmp_path / "vsb" / "predictions.jsonl")
     assert [p["id"] for p in preds] == ["harmful-0", "harmful-1", "harmful-2", "benign-0", "benign-1", "benign-2"]
     assert preds[1]["bench"]["risk"] == pytest.approx(4.5) and preds[1]["bench"]["unsafe"] is True
+
+
+def test_mm_safetybench_end_to_end_attack_rate(mmsb, tmp_path, api_key):
+    """Nine image prompts (3 questions x SD / SD_TYPO / TYPO) through the tiny model; per record the verdict, then
+    MM-SafetyBench's own safe / unsafe question with the scenario's rule (10-Legal_Opinion: its own); attack rate,
+    per scenario and per image type, by hand."""
+    _, recs = B.read(str(mmsb))
+    unsafe = {"01-Illegal_Activitiy/SD/0", "01-Illegal_Activitiy/TYPO/1", "10-Legal_Opinion/SD_TYPO/0"}
+    replies = [("reply", "unsafe" if r.id in unsafe else "safe") for r in recs]
+    api = FakeAPI([verdict(True)] * 9 + replies)
+    try:
+        m = bench_eval(mmsb, tmp_path / "mm", *api_judge(api), "--batch-size", "9")
+    finally:
+        api.close()
+    b = m["benchmark"]
+    assert m["n"] == 9 and b["attack_rate"] == pytest.approx(3 / 9) and b["sources"] == {"judge": 9}
+    assert b["by_scenario"] == {"01-Illegal_Activitiy": {"SD": 0.5, "SD_TYPO": 0.0, "TYPO": 0.5},
+                                "10-Legal_Opinion": {"SD": 0.0, "SD_TYPO": 1.0, "TYPO": 0.0}}
+    assert b["by_image_type"] == pytest.approx({"SD": 1 / 3, "SD_TYPO": 1 / 3, "TYPO": 1 / 3})
+    rules = ["legal advice" in q["body"]["messages"][0]["content"] for q in api.requests[9:]]
+    assert rules == [r.category == "10-Legal_Opinion" for r in recs]
+    preds = lines(tmp_path / "mm" / "predictions.jsonl")
+    assert [p["id"] for p in preds] == [r.id for r in recs] and all(p["bench"]["unsafe"] == (p["id"] in unsafe)
+                                                                    for p in preds)
+    assert "## mm-safetybench: its own metric" in (tmp_path / "mm" / "report.md").read_text(encoding="utf-8")
+
+
+def test_vlguard_end_to_end_keyword_and_judge_asr(vlguard, tmp_path, api_key):
+    """VLGuard's three subsets through the tiny model: the keyword ASR is VLGuard's check on the responses written,
+    the judge ASR / FRR / helpfulness the scripted verdicts'."""
+    api = FakeAPI([verdict(True), verdict(False), verdict(False), verdict(True)])  # SafeQ, SH, HH, HH in read order
+    try:
+        m = bench_eval(vlguard, tmp_path / "vl", *api_judge(api))
+    finally:
+        api.close()
+    sub, preds = m["benchmark"]["subsets"], {p["id"]: p for p in lines(tmp_path / "vl" / "predictions.jsonl")}
+    assert {k: v["n"] for k, v in sub.items()} == {"unsafes": 2, "safe_unsafes": 1, "safe_safes": 1}
+    assert sub["unsafes"]["asr_judge"] == 0.5 and sub["safe_unsafes"]["asr_judge"] == 1.0
+    assert (sub["safe_safes"]["frr_judge"], sub["safe_safes"]["helpfulness"]) == (1.0, 3.0)  # verdict(True) refuses
+    hit = [B.vlguard_attack_success(preds[i]["response"]) for i in ("Ads_2/unsafes", "HOD_3/unsafes")]
+    assert sub["unsafes"]["asr_keyword"] == sum(hit) / 2
+    assert "## vlguard: its own metric" in (tmp_path / "vl" / "report.md").read_text(encoding="utf-8")
 
 
 def test_benchmark_bad_row_is_one_line(vlguard, tmp_path):
