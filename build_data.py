@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -483,7 +484,8 @@ class Job:
     prompt: str
 
 
-def api_frames(path: str, key: str, *, fps: float, max_frames: int, n: int, size: int) -> list[tuple[float, str]]:
+@functools.lru_cache(maxsize=64)  # a clip's pairs are asked one after another (and by several workers): decode once
+def api_frames(path: str, key: str, *, fps: float, max_frames: int, n: int, size: int) -> tuple:
     """n frames spread over the clip (from its frames at `fps`): (time in s, base64 JPEG, longest side <= size)."""
     from PIL import Image
 
@@ -496,10 +498,10 @@ def api_frames(path: str, key: str, *, fps: float, max_frames: int, n: int, size
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         out.append((meta.frames_indices[i] / meta.fps, base64.b64encode(buf.getvalue()).decode("ascii")))
-    return out
+    return tuple(out)
 
 
-def image_messages(prompt: str, frames: list[tuple[float, str]]) -> list[dict]:
+def image_messages(prompt: str, frames) -> list[dict]:
     """One user turn: the prompt, then each frame as an image part after its time."""
     content = [{"type": "text", "text": prompt}]
     for t, b64 in frames:

@@ -309,10 +309,13 @@ API = ["--labeler", "openai", "--teacher", "openai", "--labeler-key-env", "VSR1_
 def test_api_labeller_and_teacher_over_http_and_resume(clips, api_key, tmp_path):
     out = tmp_path / "api"
     api = FakeAPI([("call", fake_vlm)] * 200)
+    B.api_frames.cache_clear()
     try:
         report = build(clips, out, *API, "--labeler-url", api.url, "--teacher-url", api.url, "--split", "1,1,1,1",
                        "--api-workers", "4")
         reqs = list(api.requests)
+        decoded = B.api_frames.cache_info().misses  # a clip's frames made once for its requests (9 clips were asked
+        assert 9 <= decoded < len(reqs) / 3  # about; two workers may both make one clip's at the same moment)
         assert all(r["path"] == "/v1/chat/completions" and r["auth"] == f"Bearer {api_key}" for r in reqs)
         assert all(r["body"]["model"] == "vlm-test" for r in reqs)
         assert all(len(frame_colours(r["body"])) == 3 for r in reqs)  # --label-frames 3 of the 4 frames, as images
