@@ -37,6 +37,9 @@ from alarm import ALARM_FILE, SafetyAlarm, add_alarm_tokens
 META_FILE = "videosafety_meta.json"  # the stage, its config and step, beside the weights of every checkpoint
 TEMPLATE_FILE = "chat_template.jinja"  # what transformers reads: data.serving_template (alarm tokens inserted)
 PLAIN_TEMPLATE_FILE = "videosafety_plain_chat_template.jinja"  # the model's own template, which build_prompt wraps
+# the alarm tokens' embedding rows as trained (model.safetensors holds the alarm vectors there, for serving); with tied
+# embeddings they are the LM head's rows too, so the project reloads them: a checkpoint is the model it trained
+ROWS_FILE = "videosafety_alarm_rows.safetensors"
 STRUCTURED_STAGES = ("cold_start", "grpo")  # their checkpoints answer in the structured format by default
 MAX_NEW_TOKENS = 768  # completion length limit of GRPO's rollouts and of evaluation (the authors' GRPO value)
 
@@ -249,30 +252,46 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
     llm = VideoLLM(model=model, processor=processor, alarm=alarm, source=name_or_path, meta=meta)
     if has_saved_alarm:  # a checkpoint written before `servable` existed is converted here (the next save writes it)
         servable(llm)
+        rows = os.path.join(name_or_path, ROWS_FILE)
+        if os.path.isfile(rows):  # the rows the run trained with, not the served vectors
+            from safetensors.torch import load_file
+
+            restore_rows(llm, load_file(rows)["rows"])
     return llm
 
 
-def servable(llm: VideoLLM, state_dict: dict | None = None) -> None:
+def servable(llm: VideoLLM, state_dict: dict | None = None) -> torch.Tensor | None:
     """Make the weights about to be saved serve as they are in plain transformers (no forward hook): the alarm
     vectors go into the alarm tokens' embedding rows (of the live model, or of the gathered `state_dict` when
-    sharded), and generation_config gets the decoding eval uses (greedy, no repetition penalty) with the tokens
-    `generate` bans as suppress_tokens. The hook still swaps in the same vectors, so the project's forward is
-    unchanged; with tied embeddings the alarm rows of the LM head change too, which only moves the logits of
-    tokens that are never generated."""
+    sharded), and generation_config gets the decoding eval uses (greedy, no repetition penalty, eval's completion
+    limit) with the tokens `generate` bans as suppress_tokens. Returns the rows it overwrote (None without alarm):
+    save_checkpoint puts them back into the live model and writes them beside the weights (ROWS_FILE), so saving
+    never changes the model being trained and loading gives it back (with tied embeddings those rows are the LM
+    head's too, inside every log-softmax)."""
+    old = None
     if llm.alarm is not None:
         emb = llm.model.get_input_embeddings().weight
         rows = [llm.alarm.visual_id, llm.alarm.textual_id]
         with torch.no_grad():
             if state_dict is None:
-                emb[rows] = llm.alarm.vectors.detach().to(emb.device, emb.dtype)
+                w = emb
             else:
-                name = next(n for n, p in llm.model.named_parameters() if p is emb)
-                w = state_dict[name]
-                w[rows] = llm.alarm.vectors.detach().to(w.device, w.dtype)
+                w = state_dict[next(n for n, p in llm.model.named_parameters() if p is emb)]
+            old = w[rows].clone()
+            w[rows] = llm.alarm.vectors.detach().to(w.device, w.dtype)
     gc = llm.model.generation_config
     gc.do_sample, gc.repetition_penalty, gc.temperature, gc.top_p, gc.top_k = False, 1.0, None, None, None
+    gc.max_new_tokens = MAX_NEW_TOKENS  # else plain generate stops at transformers' 20 tokens, inside <think>
     gc.eos_token_id, gc.pad_token_id = llm.eot_id, llm.tokenizer.pad_token_id
     gc.suppress_tokens = banned_ids(llm) or None
+    return old
+
+
+def restore_rows(llm: VideoLLM, old: torch.Tensor) -> None:
+    """The alarm tokens' embedding rows set back to `old` (what `servable` overwrote, or a checkpoint's ROWS_FILE)."""
+    emb = llm.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[[llm.alarm.visual_id, llm.alarm.textual_id]] = old.to(emb.device, emb.dtype)
 
 
 @contextlib.contextmanager
@@ -315,8 +334,16 @@ def save_checkpoint(llm: VideoLLM, directory: str, meta: dict | None = None) -> 
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".saving-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        servable(llm, state_dict)
-        llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        old = servable(llm, state_dict)
+        try:
+            llm.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        finally:
+            if old is not None and not sharded:  # (LoRA's merged state_dict shares the embedding with the live model;
+                restore_rows(llm, old)             # the gathered one of a sharded model is a copy)
+        if old is not None:
+            from safetensors.torch import save_file
+
+            save_file({"rows": old.detach().cpu().contiguous()}, os.path.join(tmp, ROWS_FILE))
         args = (meta or {}).get("args") or {}
         with served_video_sampling(llm.processor, args.get("fps", data.FPS), args.get("max_frames", data.MAX_FRAMES)):
             llm.processor.save_pretrained(tmp)

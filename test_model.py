@@ -314,6 +314,8 @@ def test_checkpoint_serves_without_project_code(tiny_name, mixed_records, tmp_pa
     assert set(plain.generation_config.suppress_tokens) == set(model.banned_ids(llm))
     pad = llm.tokenizer.pad_token_id  # batches are padded with it: never generated, served or not
     assert pad != llm.eot_id and pad in plain.generation_config.suppress_tokens
+    gc = plain.generation_config  # eval's decoding: greedy, no penalty, its completion limit (not transformers' 20)
+    assert (gc.do_sample, gc.repetition_penalty, gc.max_new_tokens) == (False, 1.0, model.MAX_NEW_TOKENS)
     inputs = {k: batch[k] for k in batch["model_keys"]}
     with torch.no_grad():
         ids = plain.generate(**inputs, max_new_tokens=6)[:, inputs["input_ids"].shape[1]:]
@@ -451,14 +453,20 @@ def test_tied_embeddings_never_generate_alarm_or_placeholder_tokens(tiny_name, m
     with torch.no_grad():  # large vectors: were they not suppressed, their logits would matter
         llm.alarm.vectors.copy_(5 * torch.randn(llm.alarm.vectors.shape, generator=g))
     out = str(tmp_path / "ckpt")
-    model.save_checkpoint(llm, out, meta={"stage": "grpo"})
+    sft = data.collate(llm, mixed_records, structured=False, with_target=True)
     rows = [llm.alarm.visual_id, llm.alarm.textual_id]
-    assert torch.equal(llm.model.lm_head.weight[rows], llm.alarm.vectors)  # the tie: the head's rows are the vectors
+    with torch.no_grad():
+        before, trained_rows = llm.forward(sft), llm.model.lm_head.weight[rows].clone()
+        model.save_checkpoint(llm, out, meta={"stage": "grpo"})
+        after = llm.forward(sft)
+    assert torch.equal(llm.model.lm_head.weight[rows], trained_rows)  # saving leaves the model being trained as it was
+    assert torch.equal(before["lm_loss"], after["lm_loss"])  # (the head's alarm rows are in every log-softmax)
 
     batch = data.collate(llm, mixed_records[1:], structured=True, with_target=False)
     completion, _ = model.generate(llm, batch, max_new_tokens=6)
     plain = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     assert plain.lm_head.weight is plain.get_input_embeddings().weight
+    assert torch.equal(plain.lm_head.weight[rows], llm.alarm.vectors)  # served: the tie, the head's rows the vectors
     inputs = {k: batch[k] for k in batch["model_keys"]}
     with torch.no_grad():
         gen = plain.generate(**inputs, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
@@ -469,9 +477,9 @@ def test_tied_embeddings_never_generate_alarm_or_placeholder_tokens(tiny_name, m
     ids = gen.sequences[:, inputs["input_ids"].shape[1]:]
     assert model.completion_tokens(ids, eot) == model.completion_tokens(completion, eot)
 
-    sft = data.collate(llm, mixed_records, structured=False, with_target=True)
-    llm2 = model.load_model(out, device="cpu", dtype=torch.float32)
+    llm2 = model.load_model(out, device="cpu", dtype=torch.float32)  # the project reloads the rows it trained with
     assert llm2.model.lm_head.weight is llm2.model.get_input_embeddings().weight
+    assert torch.equal(llm2.model.lm_head.weight[rows], trained_rows)
     with torch.no_grad():
         r1, r2 = llm.forward(sft), llm2.forward(sft)
     for k in ("lm_loss", "logit_v", "logit_t"):
