@@ -408,7 +408,9 @@ def build_prompt(processor, query: str, *, has_video: bool, structured: bool, al
 
 def serving_template(processor, *, structured: bool, template: str = "paper") -> str:
     """The processor's chat template wrapped so that plain `apply_chat_template` writes what `build_prompt` writes:
-    <|textual_alarm|> ends the first user turn's (trimmed) last text, <|visual_alarm|> goes after the last video
+    the first user turn is put in the project's order (its videos and images first, then its text, as every stage
+    trained; a string content is its text), <|textual_alarm|> ends its (trimmed) last text (a turn with none gets an
+    empty one), <|visual_alarm|> goes after the last video
     (or, with no video, image) placeholder and its <|vision_end|>, both end the text of a text-only turn; with
     `structured`, STRUCTURED_INSTRUCTION is the system turn when the messages have none (template "paper"), or the
     first user turn's last text is wrapped in the authors' templates (template "authors"; no system turn added).
@@ -423,14 +425,17 @@ def serving_template(processor, *, structured: bool, template: str = "paper") ->
     # the user text as build_prompt writes it: trimmed (paper), or inside the authors' templates, then trimmed
     user_text = ("(" + json.dumps(q_pre) + " ~ it['text'] ~ " + json.dumps(q_post + RC.TYPE_TEMPLATE) + ") | trim"
                  if authors else "it['text'] | trim")
-    pre = ("{%- set ns = namespace(msgs=[], first=true, vis='', c=[], vs=[]) -%}"
+    pre = ("{%- set ns = namespace(msgs=[], first=true, vis='', c=[], vs=[], t=[], last=-1) -%}"
            + ("{%- if messages[0]['role'] != 'system' -%}{%- set ns.msgs = [{'role': 'system', 'content': " + sysmsg + "}] -%}{%- endif -%}" if structured and not authors else "")
            + "{%- for m in messages -%}"
-           "{%- if m['role'] == 'user' and ns.first and m['content'] is not string -%}"
-           "{%- set ns.first = false -%}{%- set ns.c = [] -%}{%- set ns.vs = [] -%}"
-           "{%- for it in m['content'] -%}{%- if it['type'] in ('video', 'image') -%}{%- set ns.vs = ns.vs + [it['type']] -%}{%- endif -%}{%- endfor -%}"
+           "{%- if m['role'] == 'user' and ns.first -%}"
+           "{%- set ns.first = false -%}{%- set ns.c = [] -%}{%- set ns.vs = [] -%}{%- set ns.t = [] -%}{%- set ns.last = -1 -%}"
+           "{%- set items = [{'type': 'text', 'text': m['content']}] if m['content'] is string else m['content'] -%}"
+           "{%- for it in items -%}{%- if it['type'] in ('video', 'image') -%}{%- set ns.vs = ns.vs + [it['type']] -%}{%- set ns.c = ns.c + [it] -%}"
+           "{%- else -%}{%- if it['type'] == 'text' -%}{%- set ns.last = ns.t | length -%}{%- endif -%}{%- set ns.t = ns.t + [it] -%}{%- endif -%}{%- endfor -%}"
+           "{%- if ns.last < 0 -%}{%- set ns.last = ns.t | length -%}{%- set ns.t = ns.t + [{'type': 'text', 'text': ''}] -%}{%- endif -%}"
            "{%- set ns.vis = ('video' if 'video' in ns.vs else ('image' if ns.vs else '')) -%}"
-           "{%- for it in m['content'] -%}{%- if it['type'] == 'text' and loop.last -%}"
+           "{%- for it in ns.t -%}{%- if loop.index0 == ns.last -%}"
            "{%- set ns.c = ns.c + [{'type': 'text', 'text': (" + user_text + ") ~ ('' if ns.vis else '" + VISUAL_ALARM + "') ~ '" + TEXTUAL_ALARM + "'}] -%}"
            "{%- else -%}{%- set ns.c = ns.c + [it] -%}{%- endif -%}{%- endfor -%}"
            "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': ns.c}] -%}"

@@ -32,7 +32,7 @@ import demo
 import distributed
 import lora
 import recipe
-from alarm import ALARM_FILE, SafetyAlarm, add_alarm_tokens
+from alarm import ALARM_FILE, VISUAL_ALARM, SafetyAlarm, add_alarm_tokens
 
 META_FILE = "videosafety_meta.json"  # the stage, its config and step, beside the weights of every checkpoint
 TEMPLATE_FILE = "chat_template.jinja"  # what transformers reads: data.serving_template (alarm tokens inserted)
@@ -240,6 +240,10 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
     if os.path.isfile(plain_template):  # build_prompt inserts the alarm tokens itself: give it the plain template
         with open(plain_template) as f:
             processor.chat_template = processor.tokenizer.chat_template = f.read()
+    elif VISUAL_ALARM in (processor.chat_template or ""):  # the serving template alone: build_prompt would add twice
+        raise FileNotFoundError(f"{name_or_path}: its chat template inserts the alarm tokens (a served checkpoint) but "
+                                f"{PLAIN_TEMPLATE_FILE} is missing (re-saved without it?); copy it back from the checkpoint "
+                                "the stage wrote")
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kw).to(device)
     meta = checkpoint_meta(name_or_path)
     alarm = None

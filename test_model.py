@@ -361,6 +361,11 @@ for kind, msg in (("text", text()), ("video", vid(video)), ("short", vid(short))
     got[kind] = {"input_ids": enc["input_ids"][0].tolist(), "tokens": out.tolist()}
 got["prompts"] = {k: proc.apply_chat_template(text(*v), add_generation_prompt=True, tokenize=False)
                   for k, v in (("video", ["video"]), ("image", ["image"]), ("text", []))}
+other = {"string": [{"role": "user", "content": query}],  # text-only as a plain string
+         "text first": [{"role": "user", "content": [{"type": "text", "text": query}, {"type": "video"}]}],
+         "no text": [{"role": "user", "content": [{"type": "image"}]}]}
+got["prompts"].update({k: proc.apply_chat_template(v, add_generation_prompt=True, tokenize=False)
+                       for k, v in other.items()})
 print(json.dumps(got))
 """
 
@@ -413,9 +418,11 @@ def test_chat_template_serves_the_project_prompt(tiny_name, text_record, demo_re
         completion, _ = model.generate(llm, batch, max_new_tokens=6)
         assert (model.completion_tokens(torch.tensor([got[kind]["tokens"]]), llm.eot_id)
                 == model.completion_tokens(completion, llm.eot_id)), kind
-    for kind, (has_video, n_images) in {"video": (True, 0), "image": (False, 1), "text": (False, 0)}.items():
-        want = data.build_prompt(llm.processor, text_record.query, has_video=has_video, structured=structured,
-                                 alarm=True, n_images=n_images)
+    cases = {"video": (True, 0), "image": (False, 1), "text": (False, 0), "string": (False, 0),
+             "text first": (True, 0), "no text": (False, 1)}  # the last three: the turn as clients also send it
+    for kind, (has_video, n_images) in cases.items():
+        want = data.build_prompt(llm.processor, "" if kind == "no text" else text_record.query, has_video=has_video,
+                                 structured=structured, alarm=True, n_images=n_images)
         assert got["prompts"][kind] == want, kind
 
     # the project reloads the plain template (build_prompt inserts the alarm tokens itself) and still hands the
@@ -425,6 +432,9 @@ def test_chat_template_serves_the_project_prompt(tiny_name, text_record, demo_re
         batch = data.collate(llm, [rec], structured=structured, with_target=False)
         assert torch.equal(data.collate(llm2, [rec], structured=structured, with_target=False)["input_ids"],
                            batch["input_ids"])
+    os.remove(os.path.join(out, model.PLAIN_TEMPLATE_FILE))  # lost: the alarms would be inserted twice, so refused
+    with pytest.raises(FileNotFoundError, match="videosafety_plain_chat_template.jinja is missing"):
+        model.load_model(out, device="cpu", dtype=torch.float32)
 
 
 def _tied_copy(name: str, path: str) -> str:
