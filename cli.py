@@ -139,9 +139,11 @@ def run_cli(main) -> None:
     not a traceback (unless --debug is given)."""
     try:
         main()
-    except (D.DataError, TrainingError, lora.LoraError, APIError, OutputBusy, OSError) as e:
+    except (D.DataError, TrainingError, lora.LoraError, APIError, OutputBusy, OSError, UnicodeDecodeError) as e:
         if "--debug" in sys.argv:
             raise
+        if isinstance(e, UnicodeDecodeError):  # a file saved in another encoding (Latin-1 from a spreadsheet, ...)
+            e = D.DataError(f"a file is not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8")
         kind = ("bad input" if isinstance(e, D.DataError) else "stopped" if isinstance(e, TrainingError)
                 else "service" if isinstance(e, APIError) else "busy" if isinstance(e, OutputBusy) else "error")
         print(f"{os.path.basename(sys.argv[0])}: {kind}: {e} (rerun with --debug for the traceback)", file=sys.stderr)

@@ -415,7 +415,7 @@ def prediction(record, response: str, verdict: Verdict, p_v: float | None, p_t: 
 
 # settings that must match to resume into the same --out (batch size, limit, device may change)
 RESUME_KEYS = ("model", "data", "judge", "judge_model", "no_video", "plain_prompt", "max_new_tokens", "temperature",
-               "top_p", "seed", "fps", "max_frames", "format", "images", "videos", "rejudge")
+               "top_p", "seed", "fps", "max_frames", "format", "images", "videos", "rejudge", "recipe")
 
 
 # -----------------------------------------------------------------------------

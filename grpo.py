@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped, structured=True,
                              prompt_only=True)  # bad data fails fast; the reward reads structured targets
     heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []  # threshold fit
-    resume = T.find_resume(args.out) if args.resume else None
+    resume = T.resume_point(args)
     if resume:
         skipped.update(resume["skipped"])  # those seen before the snapshot
         T.say(f"GRPO: resuming from {resume['dir']} (step {resume['step']}); π_ref from {resume['model']}")

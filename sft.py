@@ -238,7 +238,7 @@ def start(args, stage: str, structured: bool = False):
     records = D.load_records(args.data, skip_bad=args.skip_bad_records, skipped=skipped,
                              structured=structured)  # cold start trains on structured targets
     heldout = D.load_records(args.eval_data)[:args.eval_records] if args.eval_records else []
-    resume = T.find_resume(args.out) if args.resume else None
+    resume = T.resume_point(args)
     if resume:
         T.say(f"{stage}: resuming from {resume['dir']} (phase {resume['phase']}, step {resume['step']})")
     llm = T.load_for_training(resume["dir"] if resume else args.model, device, trust_remote_code=args.trust_remote_code)

@@ -88,3 +88,23 @@ def test_at_sft_trains_on_the_authors_mix_with_images(demo_dir, image_files, tmp
     steps = _steps(out, "at_sft")
     assert summary["step"] == 2 and len(steps) == 2
     assert all(math.isfinite(s["loss"]) and s["atc_v"] > 0 and s["atc_t"] > 0 for s in steps)
+
+
+def test_a_killed_run_is_not_started_over_nor_resumed_with_other_settings(demo_dir, tmp_path):
+    """OUT/resume newer than the final checkpoint (a run stopped midway): a rerun without --resume is refused (it
+    would rewrite the log and the snapshot); --resume with a changed batch size is refused, naming the flag."""
+    import os
+
+    import pytest
+
+    import training as T
+
+    out = str(tmp_path / "run")
+    _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1")
+    _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1")  # finished: running it again is a choice
+    os.remove(os.path.join(out, M.META_FILE))  # as if killed after its snapshot, before the final checkpoint
+    with pytest.raises(T.TrainingError, match="holds an unfinished run .*pass --resume"):
+        _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1")
+    with pytest.raises(T.TrainingError, match=r"--batch-size 3, now 2"):
+        _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "--batch-size", "2")
+    _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "--device", "cpu")  # same run

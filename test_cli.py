@@ -28,6 +28,16 @@ def test_bad_input_one_line_and_nonzero_exit(bad_data, demo_dir, tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows it
 
 
+def test_a_file_not_in_utf8_is_one_line(demo_dir, tmp_path):
+    latin = tmp_path / "latin.jsonl"  # as a spreadsheet in Latin-1 writes it
+    first = open(os.path.join(demo_dir, "eval.jsonl"), encoding="utf-8").readline().replace('"query": "', '"query": "caf\u00e9 ')
+    latin.write_bytes(first.encode("latin-1"))
+    for script, extra in (("eval.py", []), ("at_sft.py", ["--max-steps", "1"])):
+        r = run_script(script, "--data", str(latin), "--out", str(tmp_path / script), *extra)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "not UTF-8" in r.stderr.strip().splitlines()[-1]
+
+
 def test_skip_bad_records_names_them(bad_data, tmp_path):
     out = str(tmp_path / "skip")
     summary = at_sft.main(["--data", bad_data, "--out", out, *SFT, "--epochs", "1", "--skip-bad-records"])

@@ -170,6 +170,37 @@ def find_resume(out: str) -> dict:
         return {"dir": src, **json.load(f)["resume_state"]}
 
 
+# flags a --resume may change: where and how the run is watched, not what it computes or which records it reads
+RESUME_FREE = ("resume", "device", "out", "debug", "report_to", "save_every", "skip_bad_records",
+               "gradient_checkpointing", "trust_remote_code", "eval_data", "eval_records")
+
+
+def resume_point(args) -> dict | None:
+    """Where a run starts. --resume: the snapshot (find_resume), if the run's settings are the snapshot run's (a
+    changed batch size would move the data position, a changed learning rate the schedule): else TrainingError
+    naming each changed flag. Without --resume: None, but a folder whose snapshot is newer than its final
+    checkpoint (a run killed or stopped midway) is refused instead of being silently started over."""
+    out = args.out
+    if not args.resume:
+        snap = find_train_state(resume_dir(out))
+        final = os.path.join(out, M.META_FILE)
+        if snap and not (os.path.isfile(final) and os.path.getmtime(final) >= os.path.getmtime(
+                os.path.join(snap, M.META_FILE))):
+            raise TrainingError(f"{out} holds an unfinished run (snapshot {snap}): pass --resume to continue it, or "
+                                f"delete {resume_dir(out)} (or pass another --out) to start again")
+        return None
+    resume = find_resume(out)
+    configs = [r["config"] for r in outdir.read_jsonl(os.path.join(out, "metrics.jsonl")) if "config" in r]
+    if configs:
+        old, new = configs[-1], json.loads(json.dumps(vars(args)))
+        changed = [k for k in sorted(set(old) | set(new)) if k not in RESUME_FREE and old.get(k) != new.get(k)]
+        if changed:
+            raise TrainingError("--resume: the snapshot's run had other settings (" + "; ".join(
+                f"--{k.replace('_', '-')} {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
+                + "): rerun with its flags, or start again in another --out")
+    return resume
+
+
 def _as_tuple(x):
     return tuple(_as_tuple(i) for i in x) if isinstance(x, (list, tuple)) else x
 
