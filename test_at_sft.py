@@ -105,6 +105,6 @@ def test_a_killed_run_is_not_started_over_nor_resumed_with_other_settings(demo_d
     os.remove(os.path.join(out, M.META_FILE))  # as if killed after its snapshot, before the final checkpoint
     with pytest.raises(T.TrainingError, match="holds an unfinished run .*pass --resume"):
         _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1")
-    with pytest.raises(T.TrainingError, match=r"--batch-size 3, now 2"):
+    with pytest.raises(T.TrainingError, match=r"global batch .* 6, now 4"):
         _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "--batch-size", "2")
     _at_sft(demo_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "--device", "cpu")  # same run

@@ -190,14 +190,19 @@ def resume_point(args) -> dict | None:
                                 f"delete {resume_dir(out)} (or pass another --out) to start again")
         return None
     resume = find_resume(out)
-    configs = [r["config"] for r in outdir.read_jsonl(os.path.join(out, "metrics.jsonl")) if "config" in r]
-    if configs:
-        old, new = configs[-1], json.loads(json.dumps(vars(args)))
-        changed = [k for k in sorted(set(old) | set(new)) if k not in RESUME_FREE and old.get(k) != new.get(k)]
+    rows = [r for r in outdir.read_jsonl(os.path.join(out, "metrics.jsonl")) if "config" in r]
+    if rows:
+        old, new = rows[-1]["config"], json.loads(json.dumps(vars(args)))
+        per_step = ("batch_size", "grad_accum")  # free to change under another world size: the global batch counts
+        changed = [f"--{k.replace('_', '-')} {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                   if k not in RESUME_FREE + per_step and old.get(k) != new.get(k)]
+        glob = lambda c, world: (c.get("batch_size") or 0) * (c.get("grad_accum") or 0) * world  # noqa: E731
+        if glob(old, rows[-1].get("world_size", 1)) != glob(new, distributed.world_size()):
+            changed.append(f"global batch (--batch-size x --grad-accum x processes) "
+                           f"{glob(old, rows[-1].get('world_size', 1))}, now {glob(new, distributed.world_size())}")
         if changed:
-            raise TrainingError("--resume: the snapshot's run had other settings (" + "; ".join(
-                f"--{k.replace('_', '-')} {old.get(k)!r}, now {new.get(k)!r}" for k in changed)
-                + "): rerun with its flags, or start again in another --out")
+            raise TrainingError("--resume: the snapshot's run had other settings (" + "; ".join(changed)
+                                + "): rerun with its flags, or start again in another --out")
     return resume
 
 
