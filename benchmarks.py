@@ -53,7 +53,7 @@ import os
 import re
 from collections import defaultdict
 
-from data import DataError, Record, bad_record, media_file
+from data import DataError, Record, bad_record, media_file, text_file
 
 FORMATS = ("video-safetybench", "vlguard", "figstep", "mm-safetybench")
 OWN_JUDGE = ("video-safetybench", "mm-safetybench")  # the ones whose metric asks the judge a question of its own
@@ -80,7 +80,7 @@ def _json(path: str, what: str = "data file"):
     if not os.path.isfile(path):
         raise DataError(f"{path}: {what} not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with text_file(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
@@ -151,7 +151,7 @@ def _vsb_rows(path: str) -> list[tuple[str, dict]]:
         return [(f"{path}[{i}]", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with text_file(path) as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -446,7 +446,7 @@ def _by_fields(row, name: str | None) -> str | None:
 
 def _figstep_header(path: str) -> str | None:
     """figstep when the CSV is named as FigStep's or its header has half of FigStep's fields or more."""
-    with open(path, encoding="utf-8", newline="") as f:
+    with text_file(path, newline="") as f:
         header = next(csv.reader(f), [])
     named = os.path.basename(path).lower() in {os.path.basename(rel).lower() for rel in FIGSTEP_CSVS}
     return "figstep" if named or 2 * sum(k in header for k in FIGSTEP_FIELDS) >= len(FIGSTEP_FIELDS) else None
@@ -475,7 +475,7 @@ def detect(path: str) -> str | None:
         name = "mm-safetybench"  # a scenario file in its release folder
     first = None
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
+        with text_file(path) as f:
             line = next((ln for ln in f if ln.strip()), "")
         try:
             first = json.loads(line) if line else None

@@ -445,7 +445,7 @@ def read_labels_csv(path: str, taxonomy: dict) -> dict:
     if not os.path.isfile(path):
         raise D.DataError(f"--labels {path}: file not found")
     labels = {}
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with D.text_file(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = {"video", "video_label", "category", "subcategory"} - set(reader.fieldnames or ())
         if missing:

@@ -17,6 +17,7 @@ The built-in demo data set lives in demo.py (`python demo.py --out demo_data`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -71,6 +72,17 @@ class Record:
         d = asdict(self)
         d.pop("where")
         return d
+
+
+@contextlib.contextmanager
+def text_file(path: str, **kw):
+    """`open(path)` as UTF-8 text; a file in another encoding (Latin-1 from a spreadsheet, ...) is a DataError
+    naming it, wherever in the reading the bad byte comes."""
+    try:
+        with open(path, encoding=kw.pop("encoding", "utf-8"), **kw) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
 
 
 def _label(value, what: str, where: str) -> int:
@@ -207,7 +219,7 @@ def load_records(path: str, *, skip_bad: bool = False, skipped: dict | None = No
         raise DataError(f"{path}: data file not found")
     root = os.path.dirname(os.path.abspath(path))
     records, seen = [], set()
-    with open(path, encoding="utf-8") as f:
+    with text_file(path) as f:
         if path.endswith(".json"):
             try:
                 rows = json.load(f)

@@ -255,6 +255,10 @@ def test_labels_csv_errors(tmp_path):
     (tmp_path / "cols.csv").write_text("video,label\na.mp4,1\n")
     with pytest.raises(D.DataError, match="missing column"):
         B.read_labels_csv(str(tmp_path / "cols.csv"), tax)
+    (tmp_path / "latin.csv").write_bytes("video,video_label,category,subcategory,description\n"
+                                         "a.mp4,0,,,un caf\u00e9\n".encode("latin-1"))  # as a spreadsheet saves it
+    with pytest.raises(D.DataError, match="latin.csv: not UTF-8"):
+        B.read_labels_csv(str(tmp_path / "latin.csv"), tax)
 
 
 # -----------------------------------------------------------------------------

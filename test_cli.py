@@ -35,7 +35,7 @@ def test_a_file_not_in_utf8_is_one_line(demo_dir, tmp_path):
     for script, extra in (("eval.py", []), ("at_sft.py", ["--max-steps", "1"])):
         r = run_script(script, "--data", str(latin), "--out", str(tmp_path / script), *extra)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-        assert "not UTF-8" in r.stderr.strip().splitlines()[-1]
+        assert f"{latin}: not UTF-8" in r.stderr.strip().splitlines()[-1]  # the file named
 
 
 def test_skip_bad_records_names_them(bad_data, tmp_path):
