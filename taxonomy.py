@@ -819,6 +819,13 @@ class TaxonomyError(ValueError):
     """A taxonomy file that cannot be used; the message names the file and the entry."""
 
 
+def _check_texts(block: dict, where: str) -> None:
+    """A category's (or its language block's) "name" and "advice", where given, are non-empty strings."""
+    for key in ("name", "advice"):
+        if key in block and not (isinstance(block[key], str) and block[key]):
+            raise TaxonomyError(f'{where}: "{key}" must be a non-empty string')
+
+
 def load_taxonomy(path: str | None) -> dict:
     """The built-in TAXONOMY, or a user's JSON file of the same shape:
 
@@ -849,9 +856,7 @@ def load_taxonomy(path: str | None) -> dict:
             if sub in seen:
                 raise TaxonomyError(f"{where}: subcategory {sub!r} is in both {seen[sub]!r} and {cat!r}")
             seen[sub] = cat
-        for key in ("name", "advice"):
-            if key in entry and not (isinstance(entry[key], str) and entry[key]):
-                raise TaxonomyError(f"{where}: category {cat!r}: \"{key}\" must be a non-empty string")
+        _check_texts(entry, f"{where}: category {cat!r}")
         templates = entry.get("templates") or {}
         if not isinstance(templates, dict):
             raise TaxonomyError(f"{where}: category {cat!r}: \"templates\" must be {{language: {{kind: [queries]}}}}")
@@ -859,9 +864,7 @@ def load_taxonomy(path: str | None) -> dict:
             if not isinstance(t, dict):
                 raise TaxonomyError(f"{where}: category {cat!r}, {lang}: templates must be {{kind: [queries]}}, got "
                                     f"{type(t).__name__}")
-            for key in ("name", "advice"):
-                if key in t and not (isinstance(t[key], str) and t[key]):
-                    raise TaxonomyError(f"{where}: category {cat!r}, {lang}: \"{key}\" must be a non-empty string")
+            _check_texts(t, f"{where}: category {cat!r}, {lang}")
             if lang not in LANGUAGES:
                 raise TaxonomyError(f"{where}: category {cat!r}: unknown language {lang!r} (one of {list(LANGUAGES)})")
             for kind in ("HH", "SH", "SafeQ"):
