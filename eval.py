@@ -481,8 +481,7 @@ def check_resume(out: str, suffix: str, config: dict) -> None:
     cfg_path = os.path.join(out, f"config{suffix}.json")
     done = read_predictions(os.path.join(out, f"predictions{suffix}.jsonl"), repair=True)  # we hold the lock
     if (old := load_json(cfg_path)) is not None and done:
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in RESUME_KEYS
-                         if old.get(k) != config.get(k))
+        diff = "; ".join(outdir.changed_settings(old, config, RESUME_KEYS))
         if diff:
             raise SystemExit(f"{out} holds a run with other settings ({diff}); "
                              f"use another --out or delete {cfg_path} and predictions{suffix}.jsonl")

@@ -104,6 +104,11 @@ def release(out: str, name: str = LOCK_FILE) -> None:
         pass
 
 
+def changed_settings(old: dict, new: dict, keys) -> list[str]:
+    """"--flag old, now new" for each of `keys` whose value differs: why a resume into this folder is refused."""
+    return [f"--{k.replace('_', '-')} {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 def read_jsonl(path: str, repair: bool = False) -> list[dict]:
     """The rows of an append-only JSONL file; [] if it does not exist. A torn last line (one that is not valid
     UTF-8 JSON) is dropped; a bad line elsewhere is dropped too. The file is never written unless repair=True,

@@ -194,12 +194,11 @@ def resume_point(args) -> dict | None:
     if rows:
         old, new = rows[-1]["config"], json.loads(json.dumps(vars(args)))
         per_step = ("batch_size", "grad_accum")  # free to change under another world size: the global batch counts
-        changed = [f"--{k.replace('_', '-')} {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-                   if k not in RESUME_FREE + per_step and old.get(k) != new.get(k)]
-        glob = lambda c, world: (c.get("batch_size") or 0) * (c.get("grad_accum") or 0) * world  # noqa: E731
-        if glob(old, rows[-1].get("world_size", 1)) != glob(new, distributed.world_size()):
-            changed.append(f"global batch (--batch-size x --grad-accum x processes) "
-                           f"{glob(old, rows[-1].get('world_size', 1))}, now {glob(new, distributed.world_size())}")
+        changed = outdir.changed_settings(old, new, sorted((set(old) | set(new)) - set(RESUME_FREE + per_step)))
+        was = old.get("batch_size", 0) * old.get("grad_accum", 0) * rows[-1].get("world_size", 1)
+        now = new["batch_size"] * new["grad_accum"] * distributed.world_size()
+        if was != now:
+            changed.append(f"global batch (--batch-size x --grad-accum x processes) {was}, now {now}")
         if changed:
             raise TrainingError("--resume: the snapshot's run had other settings (" + "; ".join(changed)
                                 + "): rerun with its flags, or start again in another --out")
