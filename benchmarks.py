@@ -7,7 +7,7 @@
 | name | the release as downloaded | records | its own metric |
 |---|---|---|---|
 | video-safetybench | harmful_data.json, benign_data.json (or JSONL, parquet), video/ | one per row | RJScore, ASR |
-| vlguard | test.json, test.zip unpacked into test/ beside it | 2 per safe image (its safe and unsafe instruction) / 1 per unsafe image | ASR |
+| vlguard | test.json, test.zip unpacked into test/ beside it | 2 per safe image / 1 per unsafe image | ASR |
 | figstep | data/question/safebench.csv, data/images/SafeBench/ | one per row | ASR per category |
 | mm-safetybench | processed_questions/<scenario>.json, imgs/<scenario>/<type>/<id>.jpg | 3 per question | attack rate |
 

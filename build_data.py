@@ -45,7 +45,8 @@ Where we chose (the paper publishes neither its thresholds, its prompts, its tax
   the taxonomy) and --safe-queries (SafeQ), each in a language drawn from --languages; no (language, query) twice
   for a video. Offline targets are templates: a refusal with the category's safe alternative for a harmful query, an
   answer built from the labeller's description for a safe one (the description stays in the labeller's language,
-  English by default; a safe query about a safe video without a description is dropped and counted). They teach the format and the labels; for real answers use --teacher.
+  English by default; a safe query about a safe video without a description is dropped and counted). They teach
+  the format and the labels; for real answers use --teacher.
 - Splits: by video, stratified by the video label, so each split gets its share of harmful and safe videos; the
   order within a label is a seeded hash of the video's name. --split weighs the four splits (default: the paper's
   6k / 15k / 25k / 11.4k). Eval is balanced: HH, SH and SafeQ are cut to the smallest of them (seeded; the records
@@ -154,8 +155,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("harmfulness labels (one of --labels, --labeler)")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--labels", metavar="CSV", help="your own labels: columns video,video_label,category,subcategory "
-                   "(and optionally description: the offline teacher needs it to answer about a safe video); video relative to "
-                   "--videos, video_label 1 harmful / 0 safe")
+                   "(and optionally description: the offline teacher needs it to answer about a safe video); video "
+                   "relative to --videos, video_label 1 harmful / 0 safe")
     m.add_argument("--labeler", help="openai (any OpenAI-compatible chat API that takes images) or hf:<name-or-path> "
                    "(a local video LLM)")
     g.add_argument("--label-frames", type=cli.positive_int, default=LABEL_FRAMES, help="frames per video sent to an "
@@ -963,6 +964,7 @@ def build_report(run: Run, fates: dict, out: dict, n_cut: int) -> dict:
     count = lambda xs: dict(sorted(_counter(xs).items()))  # noqa: E731
     videos = list(fates.values())
     config = {**vars(a), "static_how": run.scorer.how, "device": run.device}
+    unmatched = sorted(set(run.csv or ()) - set(fates))  # --labels rows naming no collected video (a typo, a case)
     return {
         "config": config,
         "counts": {
@@ -977,11 +979,10 @@ def build_report(run: Run, fates: dict, out: dict, n_cut: int) -> dict:
                     "unlabelled_videos": sum(f["fate"] == "unlabelled" for f in videos),
                     "pairs_without_target": sum(len(f.get("dropped_pairs", [])) for f in videos),
                     "records_cut_for_eval_balance": n_cut,
-                    "csv_rows_without_video": len(set(run.csv or ()) - set(fates))},
+                    "csv_rows_without_video": len(unmatched)},
         # a split with no record is still written (the four files always exist) but no stage can train on it
         "empty_splits": [s for s, w in zip(SPLITS, a.split) if w and not out[s]],
-        # a --labels row naming no collected video (a typo, another case, an absolute path): named, not only counted
-        "csv_rows_without_video": sorted(set(run.csv or ()) - set(fates)),
+        "csv_rows_without_video": unmatched,  # named, not only counted
         "videos": videos,
     }
 
@@ -1092,8 +1093,8 @@ def build(args, taxonomy: dict, videos: list, torchrun: bool) -> dict:
               f"to --videos): {', '.join(unmatched[:5])}" + (" ..." if len(unmatched) > 5 else ""))
     if n := report["dropped"]["pairs_without_target"]:
         why = next(d["why"] for f in report["videos"] for d in f.get("dropped_pairs", []))
-        print(f"build_data.py: warning: {n} video-query pairs have no usable target and were left out (the report names "
-              f"each), e.g. {why}")
+        print(f"build_data.py: warning: {n} video-query pairs have no usable target and were left out (the report "
+              f"names each), e.g. {why}")
     if report["empty_splits"]:  # the stage reading it would stop with "no records": say so now, and how to fix it
         print("build_data.py: warning: " + EMPTY_HINT.format(", ".join(f"{s}.jsonl" for s in report["empty_splits"])))
     summary = {"videos": report["counts"]["videos"], "records": {s: r["total"] for s, r in

@@ -347,7 +347,9 @@ def render_agreement(runs: list[tuple[str, dict, list]]) -> str:
                 rows.append({"judges": f"{judge_name(m_a, url)} / {judge_name(m_b, url)}", **agree})
     if not rows:
         return ""
-    kappa = lambda r, v: "undefined" if v in r and r[v]["kappa"] is None else fmt(r.get(v, {}).get("kappa"), "x")  # noqa: E731
+    def kappa(r: dict, v: str) -> str:  # measured but undefined is said; not measured stays "–" (column dropped)
+        return "undefined" if v in r and r[v]["kappa"] is None else fmt(r.get(v, {}).get("kappa"), "x")
+
     cols = [("judges", [r["judges"] for r in rows]), ("n", [str(r["n"]) for r in rows])]
     for v in judges.VERDICTS:
         cols += [(f"{v} agree", [fmt(r.get(v, {}).get("agree"), "%") for r in rows]),

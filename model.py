@@ -241,9 +241,9 @@ def load_model(name_or_path: str, *, device: str | None = None, dtype: torch.dty
         with open(plain_template) as f:
             processor.chat_template = processor.tokenizer.chat_template = f.read()
     elif VISUAL_ALARM in (processor.chat_template or ""):  # the serving template alone: build_prompt would add twice
-        raise FileNotFoundError(f"{name_or_path}: its chat template inserts the alarm tokens (a served checkpoint) but "
-                                f"{PLAIN_TEMPLATE_FILE} is missing (re-saved without it?); copy it back from the checkpoint "
-                                "the stage wrote")
+        raise FileNotFoundError(f"{name_or_path}: its chat template inserts the alarm tokens (a served checkpoint) "
+                                f"but {PLAIN_TEMPLATE_FILE} is missing (re-saved without it?); copy it back from the "
+                                "checkpoint the stage wrote")
     model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, **kw).to(device)
     meta = checkpoint_meta(name_or_path)
     alarm = None
