@@ -193,12 +193,15 @@ def resume_point(args) -> dict | None:
     rows = [r for r in outdir.read_jsonl(os.path.join(out, "metrics.jsonl")) if "config" in r]
     if rows:
         old, new = rows[-1]["config"], json.loads(json.dumps(vars(args)))
-        per_step = ("batch_size", "grad_accum")  # free to change under another world size: the global batch counts
+        # SFT's batch is per process and micro-batch: those two may change with the number of processes if the global
+        # batch stays. GRPO's --batch-size is already global (all processes together): compared as it is.
+        per_step = ("batch_size", "grad_accum") if "grad_accum" in new else ()
         changed = outdir.changed_settings(old, new, sorted((set(old) | set(new)) - set(RESUME_FREE + per_step)))
-        glob = lambda c: c.get("batch_size", 1) * c.get("grad_accum", 1)  # noqa: E731  (GRPO has no --grad-accum)
-        was, now = glob(old) * rows[-1].get("world_size", 1), glob(new) * distributed.world_size()
-        if was != now:
-            changed.append(f"global batch (--batch-size x --grad-accum x processes) {was}, now {now}")
+        if per_step:
+            was = old.get("batch_size", 0) * old.get("grad_accum", 0) * rows[-1].get("world_size", 1)
+            now = new["batch_size"] * new["grad_accum"] * distributed.world_size()
+            if was != now:
+                changed.append(f"global batch (--batch-size x --grad-accum x processes) {was}, now {now}")
         if changed:
             raise TrainingError("--resume: the snapshot's run had other settings (" + "; ".join(changed)
                                 + "): rerun with its flags, or start again in another --out")
